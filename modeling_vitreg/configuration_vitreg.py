@@ -1,0 +1,134 @@
+"""ViTReg configuration: a DINOv2-style Vision Transformer with register tokens."""
+
+from transformers.backbone_utils import BackboneConfigMixin
+from transformers.configuration_utils import PreTrainedConfig
+
+POOLING_TYPES = ("cls", "mean")
+
+
+class ViTRegConfig(BackboneConfigMixin, PreTrainedConfig):
+    r"""
+    Configuration of a [`ViTRegModel`]: a ViT whose token sequence is `[CLS, registers, patches]`.
+
+    The defaults describe DINOv2 ViT-B/14 with 4 registers (`dinov2_vitb14_reg4`).
+
+    Args:
+        hidden_size: width D of every token.
+        num_hidden_layers: number of transformer blocks.
+        num_attention_heads: heads per attention layer (DINOv2 uses D / 64).
+        mlp_ratio: MLP hidden size as a multiple of D (ignored when `intermediate_size` is set).
+        intermediate_size: explicit MLP hidden size; for SwiGLU the size of each of the two gated halves.
+        hidden_act: MLP activation (`"gelu"` is the exact erf GELU of DINOv2).
+        layer_norm_eps: epsilon of every LayerNorm.
+        image_size: side of the square image the position embeddings were trained at.
+        patch_size: side of a square patch.
+        num_channels: input channels.
+        qkv_bias / proj_bias / ffn_bias: biases of the qkv projection, attention output and MLP linears.
+        layerscale_value: initial LayerScale gamma; `None` builds blocks without LayerScale.
+        drop_path_rate: stochastic depth rate, spread linearly over depth (`drop_path_uniform` for a constant rate).
+        drop_path_uniform: use the same stochastic-depth rate in every block, as DINOv2 does.
+        use_swiglu_ffn: SwiGLU MLP (DINOv2 ViT-g) instead of Linear-GELU-Linear.
+        num_register_tokens: learnable register tokens R; 0 is a plain DINOv2 ViT.
+        initializer_range: std of the truncated normal used for weights and embeddings.
+        interpolate_antialias: antialiased bicubic position interpolation (DINOv2 register models).
+        interpolate_offset: when non-zero, interpolate by scale factor `(grid + offset) / old_grid` as DINOv2
+            models without registers do (0.1); when 0, interpolate to the target size.
+        use_mask_token: learn a mask token for masked image modelling (`bool_masked_pos`).
+        use_cls_token: prepend a CLS token (timm's SBB "gap" models have none).
+        use_fc_norm: apply the final LayerNorm to the pooled mean instead of to every token (timm's "gap" models).
+        cls_token_position_embedding: add a position embedding to the CLS token (timm folds it into the token).
+        pooling: `"cls"` pools the CLS token, `"mean"` averages the patch tokens (registers never take part).
+        classifier_num_layers: ViTRegForImageClassification reads the CLS token of the last n blocks (1 or 4,
+            DINOv2's linear and linear4 heads) plus the mean patch token of the last block.
+        apply_layernorm / reshape_hidden_states: ViTRegBackbone feature maps are normed / `[B, D, h, w]`.
+        out_features / out_indices: stages ViTRegBackbone returns (`"stem"`, `"stage1"`, ...).
+    """
+
+    model_type = "vitreg"
+
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    mlp_ratio: float | int = 4
+    intermediate_size: int | None = None
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-6
+    image_size: int = 518
+    patch_size: int = 14
+    num_channels: int = 3
+    qkv_bias: bool = True
+    proj_bias: bool = True
+    ffn_bias: bool = True
+    layerscale_value: float | None = 1.0
+    drop_path_rate: float | int = 0.0
+    drop_path_uniform: bool = False
+    use_swiglu_ffn: bool = False
+    num_register_tokens: int = 4
+    initializer_range: float = 0.02
+    interpolate_antialias: bool = True
+    interpolate_offset: float | int = 0.0
+    use_mask_token: bool = True
+    use_cls_token: bool = True
+    use_fc_norm: bool = False
+    cls_token_position_embedding: bool = True
+    pooling: str = "cls"
+    classifier_num_layers: int = 1
+    apply_layernorm: bool = True
+    reshape_hidden_states: bool = True
+    _out_features: list[str] | None = None
+    _out_indices: list[int] | None = None
+
+    def __post_init__(self, **kwargs):
+        self.stage_names = ["stem"] + [f"stage{idx}" for idx in range(1, self.num_hidden_layers + 1)]
+        self.set_output_features_output_indices(
+            out_indices=kwargs.pop("out_indices", None), out_features=kwargs.pop("out_features", None)
+        )
+        super().__post_init__(**kwargs)
+        self.validate_vitreg()
+
+    def validate_vitreg(self) -> None:
+        """Refuse field combinations that describe no model, with a message naming the field."""
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"ViTRegConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) is not a multiple of num_attention_heads ({self.num_attention_heads})"
+            )
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size ({self.image_size}) is not a multiple of patch_size ({self.patch_size})")
+        if self.num_register_tokens < 0:
+            raise ValueError(f"num_register_tokens must be >= 0, got {self.num_register_tokens}")
+        if self.pooling not in POOLING_TYPES:
+            raise ValueError(f"pooling must be one of {POOLING_TYPES}, got {self.pooling!r}")
+        if self.pooling == "cls" and not self.use_cls_token:
+            raise ValueError("pooling='cls' needs use_cls_token=True; use pooling='mean' for models without CLS")
+        if self.classifier_num_layers < 1 or self.classifier_num_layers > self.num_hidden_layers:
+            raise ValueError(
+                f"classifier_num_layers must be in [1, num_hidden_layers={self.num_hidden_layers}], "
+                f"got {self.classifier_num_layers}"
+            )
+
+        if self.classifier_num_layers > 1 and (self.use_fc_norm or not self.use_cls_token):
+            raise ValueError("classifier_num_layers > 1 reads CLS tokens: it needs use_cls_token and no fc norm")
+        if self.use_fc_norm and self.pooling != "mean":
+            raise ValueError("use_fc_norm normalises the pooled mean: it needs pooling='mean'")
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patches: the CLS token (if any) and the registers."""
+        return int(self.use_cls_token) + self.num_register_tokens
+
+    @property
+    def mlp_hidden_size(self) -> int:
+        """Hidden width of the MLP (of each SwiGLU half), as DINOv2 derives it."""
+        if self.intermediate_size is not None:
+            return self.intermediate_size
+        hidden = int(self.hidden_size * self.mlp_ratio)
+        if self.use_swiglu_ffn:
+            # DINOv2's SwiGLUFFNFused: two thirds of the MLP width, rounded up to a multiple of 8.
+            hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
+        return hidden
+
+
+__all__ = ["ViTRegConfig"]

@@ -1,0 +1,513 @@
+"""ViTReg: a DINOv2-style Vision Transformer with register tokens ("Vision Transformers Need Registers").
+
+Token order everywhere is `[CLS, registers, patches]`; `config.num_prefix_tokens` (CLS + registers) is the one
+notion of "what comes before the patches" used by pooling, patch maps, masks and intermediate layers.
+This file imports nothing from the rest of the project, so `save_pretrained` can ship it as remote code.
+"""
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.backbone_utils import BackboneMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BackboneOutput, ImageClassifierOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils import ModelOutput
+from transformers.utils.output_capturing import capture_outputs
+
+from .configuration_vitreg import ViTRegConfig
+
+
+@dataclass
+class ViTRegModelOutput(ModelOutput):
+    """
+    Outputs of [`ViTRegModel`].
+
+    Args:
+        last_hidden_state: `[B, P + HW, D]` every token after the final norm (P = `config.num_prefix_tokens`).
+        pooler_output: `[B, D]` the CLS token (or the mean patch token when `config.pooling == "mean"`).
+        register_tokens: `[B, R, D]` the normed register tokens, which models use as scratch space.
+        patch_tokens: `[B, HW, D]` the normed patch tokens in row-major order of the `h x w` grid.
+        hidden_states: `num_hidden_layers + 1` tensors `[B, P + HW, D]`: the embeddings, then every block's output.
+        attentions: `num_hidden_layers` tensors `[B, heads, P + HW, P + HW]`.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    register_tokens: torch.FloatTensor | None = None
+    patch_tokens: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+def grid_size(config: ViTRegConfig, height: int, width: int) -> tuple[int, int]:
+    """The `(rows, cols)` patch grid of an image, refusing sizes the patch size does not divide."""
+    p = config.patch_size
+    if height % p or width % p:
+        raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {p}")
+    return height // p, width // p
+
+
+class ViTRegPatchEmbeddings(nn.Module):
+    """Non-overlapping `patch_size` convolution: `[B, C, H, W]` -> `[B, HW, D]`."""
+
+    def __init__(self, config: ViTRegConfig):
+        super().__init__()
+        self.num_channels = config.num_channels
+        self.projection = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+        )
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.num_channels:
+            raise ValueError(
+                f"expected pixel_values of shape [batch, {self.num_channels}, height, width], "
+                f"got {list(pixel_values.shape)}"
+            )
+        pixel_values = pixel_values.to(self.projection.weight.dtype)
+        return self.projection(pixel_values).flatten(2).transpose(1, 2)  # [B, HW, D]
+
+
+class ViTRegEmbeddings(nn.Module):
+    """CLS token, register tokens, (masked) patch embeddings and their interpolated position embeddings."""
+
+    def __init__(self, config: ViTRegConfig):
+        super().__init__()
+        self.config = config
+        dim = config.hidden_size
+        self.grid = config.image_size // config.patch_size
+        self.patch_embeddings = ViTRegPatchEmbeddings(config)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if config.use_cls_token else None
+        self.register_tokens = (
+            nn.Parameter(torch.zeros(1, config.num_register_tokens, dim)) if config.num_register_tokens else None
+        )
+        self.mask_token = nn.Parameter(torch.zeros(1, dim)) if config.use_mask_token else None
+        self.num_cls_positions = int(config.use_cls_token and config.cls_token_position_embedding)
+        self.position_embeddings = nn.Parameter(torch.zeros(1, self.num_cls_positions + self.grid**2, dim))
+
+    def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
+        """Position embeddings `[1, (1) + h*w, D]` for an image of `height x width` pixels, as DINOv2 computes them."""
+        rows, cols = grid_size(self.config, height, width)
+        pos = self.position_embeddings
+        # DINOv2 skips interpolation only for the native grid on a square image.
+        if rows * cols == self.grid**2 and height == width:
+            return pos
+        cls_pos, patch_pos = pos[:, : self.num_cls_positions], pos[:, self.num_cls_positions :]
+        patch_pos = patch_pos.float().reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)  # [1, D, g, g]
+        offset = self.config.interpolate_offset
+        if offset:
+            # DINOv2 without registers: scale factor (target + 0.1) / grid, which moves the sample points.
+            scale = ((rows + offset) / self.grid, (cols + offset) / self.grid)
+            resize = {"scale_factor": scale}
+        else:
+            resize = {"size": (rows, cols)}
+        patch_pos = F.interpolate(
+            patch_pos, mode="bicubic", align_corners=False, antialias=self.config.interpolate_antialias, **resize
+        )
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, rows * cols, -1).to(pos.dtype)  # [1, hw, D]
+        return torch.cat((cls_pos, patch_pos), dim=1)
+
+    def forward(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
+        batch_size, _, height, width = pixel_values.shape
+        embeddings = self.patch_embeddings(pixel_values)  # [B, HW, D]
+        if bool_masked_pos is not None:
+            if self.mask_token is None:
+                raise ValueError("bool_masked_pos needs a model built with use_mask_token=True")
+            if bool_masked_pos.shape != embeddings.shape[:2]:
+                raise ValueError(
+                    f"bool_masked_pos must have shape {list(embeddings.shape[:2])}, got {list(bool_masked_pos.shape)}"
+                )
+            mask_token = self.mask_token.to(embeddings.dtype).unsqueeze(0)
+            embeddings = torch.where(bool_masked_pos.unsqueeze(-1), mask_token, embeddings)
+
+        pos = self.interpolate_pos_encoding(height, width).to(embeddings.dtype)
+        embeddings = embeddings + pos[:, self.num_cls_positions :]
+        prefix = []
+        if self.cls_token is not None:
+            cls_token = self.cls_token.to(embeddings.dtype)
+            if self.num_cls_positions:
+                cls_token = cls_token + pos[:, :1]
+            prefix.append(cls_token.expand(batch_size, -1, -1))
+        if self.register_tokens is not None:
+            # Registers carry no position: they are global scratch space.
+            prefix.append(self.register_tokens.to(embeddings.dtype).expand(batch_size, -1, -1))
+        if prefix:
+            embeddings = torch.cat((*prefix, embeddings), dim=1)
+        return embeddings  # [B, P + HW, D]
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention that also returns its weights; `[B, H, N, d]` in, `[B, N, H, d]` out."""
+    attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class ViTRegAttention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection (rows ordered q | k | v, as in DINOv2)."""
+
+    def __init__(self, config: ViTRegConfig):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.proj_bias)
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, seq_len, dim = hidden_states.shape
+        qkv = self.qkv(hidden_states).view(batch_size, seq_len, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, N, d]
+
+        implementation = self.config._attn_implementation
+        # Attention weights exist only in eager attention: use it for calls that ask for them.
+        if kwargs.get("output_attentions", self.config.output_attentions):
+            implementation = "eager"
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        attn_output, attn_weights = attention_interface(
+            self, query, key, value, None, scaling=self.scaling, dropout=0.0, is_causal=False
+        )
+        attn_output = attn_output.reshape(batch_size, seq_len, dim)  # [B, N, D]
+        return self.proj(attn_output), attn_weights
+
+
+class ViTRegMLP(nn.Module):
+    """Linear -> activation -> Linear."""
+
+    def __init__(self, config: ViTRegConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.mlp_hidden_size, bias=config.ffn_bias)
+        self.activation = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(config.mlp_hidden_size, config.hidden_size, bias=config.ffn_bias)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation(self.fc1(hidden_states)))
+
+
+class ViTRegSwiGLUFFN(nn.Module):
+    """SwiGLU with one packed input projection: `w_out(silu(a) * b)` where `a, b = w_in(x).chunk(2)`."""
+
+    def __init__(self, config: ViTRegConfig):
+        super().__init__()
+        self.weights_in = nn.Linear(config.hidden_size, 2 * config.mlp_hidden_size, bias=config.ffn_bias)
+        self.weights_out = nn.Linear(config.mlp_hidden_size, config.hidden_size, bias=config.ffn_bias)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        gate, value = self.weights_in(hidden_states).chunk(2, dim=-1)
+        return self.weights_out(F.silu(gate) * value)
+
+
+class ViTRegLayerScale(nn.Module):
+    """Per-channel residual-branch scale (CaiT / DINOv2 LayerScale)."""
+
+    def __init__(self, config: ViTRegConfig):
+        super().__init__()
+        self.lambda1 = nn.Parameter(torch.full((config.hidden_size,), float(config.layerscale_value)))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states * self.lambda1
+
+
+class ViTRegDropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch of a sample with probability `drop_prob` in training."""
+
+    def __init__(self, drop_prob: float):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.drop_prob == 0.0:
+            return hidden_states
+        keep_prob = 1.0 - self.drop_prob
+        shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)
+        keep = hidden_states.new_empty(shape).bernoulli_(keep_prob)
+        return hidden_states * keep / keep_prob
+
+    def extra_repr(self) -> str:
+        return f"p={self.drop_prob}"
+
+
+class ViTRegLayer(GradientCheckpointingLayer):
+    """Pre-norm transformer block: `x + ls1 * attn(norm1(x))`, then `x + ls2 * mlp(norm2(x))`."""
+
+    def __init__(self, config: ViTRegConfig, drop_path_rate: float = 0.0):
+        super().__init__()
+        with_scale = config.layerscale_value is not None
+        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = ViTRegAttention(config)
+        self.layer_scale1 = ViTRegLayerScale(config) if with_scale else nn.Identity()
+        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = ViTRegSwiGLUFFN(config) if config.use_swiglu_ffn else ViTRegMLP(config)
+        self.layer_scale2 = ViTRegLayerScale(config) if with_scale else nn.Identity()
+        self.drop_path = ViTRegDropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        attn_output, _ = self.attention(self.norm1(hidden_states), **kwargs)
+        hidden_states = hidden_states + self.drop_path(self.layer_scale1(attn_output))
+        mlp_output = self.mlp(self.norm2(hidden_states))
+        return hidden_states + self.drop_path(self.layer_scale2(mlp_output))
+
+
+class ViTRegEncoder(nn.Module):
+    """The stack of blocks; can hand back the hidden states after chosen blocks (0 = the embeddings)."""
+
+    def __init__(self, config: ViTRegConfig):
+        super().__init__()
+        depth = config.num_hidden_layers
+        if config.drop_path_uniform or depth == 1:
+            rates = [config.drop_path_rate] * depth
+        else:
+            rates = [config.drop_path_rate * i / (depth - 1) for i in range(depth)]
+        self.layer = nn.ModuleList([ViTRegLayer(config, rate) for rate in rates])
+
+    def forward(
+        self, hidden_states: torch.Tensor, keep: Sequence[int] = (), **kwargs
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        kept = [hidden_states] if 0 in keep else []
+        for index, layer in enumerate(self.layer, start=1):
+            hidden_states = layer(hidden_states, **kwargs)
+            if index in keep:
+                kept.append(hidden_states)
+        return hidden_states, kept
+
+
+class ViTRegPreTrainedModel(PreTrainedModel):
+    """Weight initialisation and the transformers plumbing shared by every ViTReg head."""
+
+    config: ViTRegConfig
+    config_class = ViTRegConfig
+    base_model_prefix = "vitreg"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ViTRegEmbeddings", "ViTRegLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+    _can_record_outputs = {"hidden_states": ViTRegLayer, "attentions": ViTRegAttention}
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Truncated-normal weights, zero biases, DINOv2's token initialisation."""
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            init.trunc_normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, ViTRegEmbeddings):
+            init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
+            if module.cls_token is not None:
+                init.normal_(module.cls_token, std=1e-6)
+            if module.register_tokens is not None:
+                init.normal_(module.register_tokens, std=1e-6)
+            if module.mask_token is not None:
+                init.zeros_(module.mask_token)
+        elif isinstance(module, ViTRegLayerScale):
+            init.constant_(module.lambda1, self.config.layerscale_value)
+
+    def num_patch_grid(self, pixel_values: torch.Tensor) -> tuple[int, int]:
+        """The `(rows, cols)` patch grid of a batch of images."""
+        return grid_size(self.config, pixel_values.shape[-2], pixel_values.shape[-1])
+
+
+def split_tokens(config: ViTRegConfig, tokens: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """`[B, P + HW, D]` -> CLS `[B, D]` (or None), registers `[B, R, D]`, patches `[B, HW, D]`."""
+    cls_token = tokens[:, 0] if config.use_cls_token else None
+    start = int(config.use_cls_token)
+    registers = tokens[:, start : start + config.num_register_tokens]
+    return cls_token, registers, tokens[:, config.num_prefix_tokens :]
+
+
+class ViTRegModel(ViTRegPreTrainedModel):
+    """The bare ViTReg encoder: embeddings, blocks and the final LayerNorm."""
+
+    def __init__(self, config: ViTRegConfig):
+        super().__init__(config)
+        self.embeddings = ViTRegEmbeddings(config)
+        self.encoder = ViTRegEncoder(config)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.patch_embeddings
+
+    def forward_blocks(
+        self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None, keep: Sequence[int] = (), **kwargs
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Un-normed output of the last block and of the blocks in `keep` (0 = embeddings)."""
+        embeddings = self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
+        return self.encoder(embeddings, keep=keep, **kwargs)
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """`[B, P + HW, D]` -> `[B, D]`: the CLS token, or the mean of the patch tokens (never the registers)."""
+        cls_token, _, patches = split_tokens(self.config, tokens)
+        return cls_token if self.config.pooling == "cls" else patches.mean(dim=1)
+
+    def finalize(self, hidden_states: torch.Tensor) -> ViTRegModelOutput:
+        """Final norm and pooling of the last block's `[B, P + HW, D]` output."""
+        if self.config.use_fc_norm:
+            # timm's average-pool models: tokens stay un-normed, the norm applies to the pooled mean.
+            sequence_output = hidden_states
+            pooled_output = self.layernorm(self.pool(hidden_states))
+        else:
+            sequence_output = self.layernorm(hidden_states)  # [B, P + HW, D]
+            pooled_output = self.pool(sequence_output)
+        _, registers, patches = split_tokens(self.config, sequence_output)
+        return ViTRegModelOutput(
+            last_hidden_state=sequence_output,
+            pooler_output=pooled_output,
+            register_tokens=registers,
+            patch_tokens=patches,
+        )
+
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(
+        self, pixel_values: torch.Tensor | None = None, bool_masked_pos: torch.Tensor | None = None, **kwargs
+    ) -> ViTRegModelOutput:
+        r"""
+        pixel_values: `[B, C, H, W]` with H and W multiples of the patch size; any aspect ratio.
+        bool_masked_pos: `[B, HW]`, True where a patch is replaced by the mask token (masked image modelling).
+        """
+        if pixel_values is None:
+            raise ValueError("pixel_values is required")
+        hidden_states, _ = self.forward_blocks(pixel_values, bool_masked_pos, **kwargs)
+        return self.finalize(hidden_states)
+
+    @torch.no_grad()
+    def get_intermediate_layers(
+        self,
+        pixel_values: torch.Tensor,
+        n: int | Sequence[int] = 1,
+        reshape: bool = False,
+        return_class_token: bool = False,
+        norm: bool = True,
+    ) -> tuple:
+        """DINOv2's helper: patch tokens of the last `n` blocks (or of the listed 0-based blocks), registers dropped.
+
+        Returns a tuple of `[B, HW, D]` (or `[B, D, h, w]` with `reshape`), or of `(patches, cls)` pairs with
+        `return_class_token`.
+        """
+        depth = self.config.num_hidden_layers
+        blocks = list(range(depth - n, depth)) if isinstance(n, int) else list(n)
+        if not blocks or any(not 0 <= b < depth for b in blocks):
+            raise ValueError(f"blocks to take must lie in [0, {depth}), got {n}")
+        rows, cols = self.num_patch_grid(pixel_values)
+        _, kept = self.forward_blocks(pixel_values, keep=[b + 1 for b in blocks])
+        by_block = dict(zip(sorted(set(blocks)), kept))
+        outputs = []
+        for block in blocks:
+            tokens = self.layernorm(by_block[block]) if norm else by_block[block]
+            cls_token, _, patches = split_tokens(self.config, tokens)
+            if reshape:
+                patches = patches.reshape(patches.shape[0], rows, cols, -1).permute(0, 3, 1, 2).contiguous()
+            outputs.append((patches, cls_token) if return_class_token else patches)
+        return tuple(outputs)
+
+
+class ViTRegForImageClassification(ViTRegPreTrainedModel):
+    """ViTReg with DINOv2's linear head: CLS of the last n blocks + mean patch token (registers never averaged)."""
+
+    def __init__(self, config: ViTRegConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.vitreg = ViTRegModel(config)
+        if config.use_fc_norm:
+            in_features = config.hidden_size
+        else:
+            in_features = config.hidden_size * (config.classifier_num_layers * int(config.use_cls_token) + 1)
+        self.classifier = nn.Linear(in_features, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(
+        self, pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None, **kwargs
+    ) -> ImageClassifierOutput:
+        r"""
+        labels: `[B]` class indices (cross-entropy; or regression when `num_labels == 1`) or `[B, num_labels]`
+            multi-hot targets (`problem_type="multi_label_classification"`).
+        """
+        if pixel_values is None:
+            raise ValueError("pixel_values is required")
+        config = self.config
+        # DINOv2's linear4 head also reads the CLS token of the 3 blocks before the last.
+        earlier = range(config.num_hidden_layers - config.classifier_num_layers + 1, config.num_hidden_layers)
+        hidden_states, kept = self.vitreg.forward_blocks(pixel_values, keep=earlier, **kwargs)
+        outputs = self.vitreg.finalize(hidden_states)
+        if config.use_fc_norm:
+            features = outputs.pooler_output
+        else:
+            cls_tokens = [self.vitreg.layernorm(tokens[:, 0]) for tokens in kept]
+            if config.use_cls_token:
+                cls_tokens.append(outputs.last_hidden_state[:, 0])
+            features = torch.cat((*cls_tokens, outputs.patch_tokens.mean(dim=1)), dim=-1)  # [B, (n + 1) * D]
+        logits = self.classifier(features)
+        loss = self.loss_function(labels, logits, config) if labels is not None else None
+        return ImageClassifierOutput(loss=loss, logits=logits)
+
+
+class ViTRegBackbone(BackboneMixin, ViTRegPreTrainedModel):
+    """Feature maps `[B, D, h, w]` of chosen stages, for transformers' dense-prediction heads (`AutoBackbone`)."""
+
+    def __init__(self, config: ViTRegConfig):
+        super().__init__(config)
+        self.num_features = [config.hidden_size] * (config.num_hidden_layers + 1)
+        self.embeddings = ViTRegEmbeddings(config)
+        self.encoder = ViTRegEncoder(config)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.patch_embeddings
+
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(self, pixel_values: torch.Tensor, **kwargs) -> BackboneOutput:
+        r"""
+        pixel_values: `[B, C, H, W]`; the feature maps come out as `[B, D, H / patch, W / patch]`.
+        """
+        rows, cols = grid_size(self.config, pixel_values.shape[-2], pixel_values.shape[-1])
+        stages = sorted(set(self.out_indices))
+        _, kept = self.encoder(self.embeddings(pixel_values), keep=stages, **kwargs)
+        by_stage = dict(zip(stages, kept))
+        feature_maps = []
+        for stage in self.out_indices:
+            hidden_state = by_stage[stage]
+            if self.config.apply_layernorm:
+                hidden_state = self.layernorm(hidden_state)
+            if self.config.reshape_hidden_states:
+                patches = hidden_state[:, self.config.num_prefix_tokens :]  # [B, HW, D]
+                hidden_state = patches.reshape(patches.shape[0], rows, cols, -1).permute(0, 3, 1, 2).contiguous()
+            feature_maps.append(hidden_state)
+        return BackboneOutput(feature_maps=tuple(feature_maps))
+
+
+__all__ = [
+    "ViTRegPreTrainedModel",
+    "ViTRegModel",
+    "ViTRegModelOutput",
+    "ViTRegForImageClassification",
+    "ViTRegBackbone",
+]
