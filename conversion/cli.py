@@ -1,0 +1,54 @@
+"""`vitreg convert`: checkpoints -> ViTReg folders (one file, a folder of official files, or back to DINOv2)."""
+
+import argparse
+
+from vitreg.errors import UserError
+
+from .convert import DTYPES, convert, convert_batch, export_dinov2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `vitreg convert`."""
+    parser.description = (
+        "Convert an official DINOv2 file, a DINOv2 training checkpoint, a timm checkpoint or a transformers "
+        "Dinov2 / Dinov2WithRegisters folder into a Hub-ready ViTReg folder. The layout and architecture are "
+        "read from the keys and shapes."
+    )
+    parser.add_argument("source", help="checkpoint file or folder (with --batch: a folder of official files)")
+    parser.add_argument("output", help="output folder (with --to dinov2: the .pth or .safetensors file to write)")
+    parser.add_argument("--head", help="official linear head (*_linear_head.pth / *_linear4_head.pth) to add")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights (default: keep the source's)")
+    parser.add_argument("--num-heads", type=int, help="attention heads (default: width / 64, as in DINOv2)")
+    parser.add_argument("--verify", action="store_true", help="reload the result and compare every token with timm")
+    parser.add_argument(
+        "--batch",
+        action="store_true",
+        help="convert every dinov2_vit*14[_reg4]_pretrain.pth in SOURCE (and its heads) into OUTPUT/dinov2-vit*",
+    )
+    parser.add_argument("--to", choices=["dinov2"], help="export a ViTReg folder to the official DINOv2 layout")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the conversion the arguments ask for; prints where the result went."""
+    if args.to:
+        if args.head or args.batch or args.dtype or args.num_heads or args.verify:
+            raise UserError("--to dinov2 takes only SOURCE (a ViTReg folder), OUTPUT (a file) and --overwrite")
+        print(f"wrote {export_dinov2(args.source, args.output, overwrite=args.overwrite)}")
+        return 0
+    options = dict(
+        overwrite=args.overwrite,
+        dtype=args.dtype,
+        num_heads=args.num_heads,
+        verify=args.verify,
+        progress=not args.no_progress,
+    )
+    if args.batch:
+        if args.head:
+            raise UserError("--batch finds the heads itself: drop --head")
+        for folder in convert_batch(args.source, args.output, **options):
+            print(f"wrote {folder}")
+        return 0
+    print(f"wrote {convert(args.source, args.output, head=args.head, **options)}")
+    return 0

@@ -1,0 +1,290 @@
+"""Converting a checkpoint file or folder into a Hub-ready ViTReg folder, in batch, and back to DINOv2's layout."""
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+import vitreg
+from modeling_vitreg import ViTRegConfig, ViTRegForImageClassification, ViTRegModel
+from vitreg.errors import UserError
+from vitreg.hub import check_output_dir, save_model_folder
+
+from .architectures import HEAD_KINDS, OFFICIAL_ARCHITECTURES, match_official
+from .checkpoints import load_checkpoint, load_tensors, read_folder_config, sha256
+from .heads import imagenet_labels, load_official_head
+from .layouts import (
+    Conversion,
+    convert_transformers,
+    convert_vit,
+    sniff_format,
+    split_prefix,
+    to_dinov2,
+    unchunk_blocks,
+)
+from .reference import (
+    comparison_sizes,
+    max_token_difference,
+    timm_available,
+    timm_reference,
+    transformers_reference,
+)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MAX_SHARD_SIZE = "2GB"  # ViT-g (4.5 GB in float32) comes out in 3 shards
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-2, torch.bfloat16: 2e-1}
+OFFICIAL_FILE = re.compile(r"(dinov2_vit[sblg]14(?:_reg4)?)_pretrain\.pth")
+HUB_NAMES = {"s": "small", "b": "base", "l": "large", "g": "giant"}  # facebook/dinov2[-with-registers]-<size>
+
+
+def read_source(source: str | Path, num_heads: int | None = None) -> tuple[Conversion, dict[str, torch.Tensor]]:
+    """Load and convert any supported checkpoint; also returns the prefix-free source weights (for references)."""
+    source = Path(source)
+    tensors, wrappers = load_checkpoint(source)
+    state_dict, prefix, outside = split_prefix(tensors)
+    state_dict, chunked = unchunk_blocks(state_dict)
+    source_format = sniff_format(state_dict, flattened=bool(wrappers or prefix or chunked))
+    if source_format == "vitreg":
+        raise UserError(f"{source}: already a ViTReg checkpoint")
+    if source_format == "transformers":
+        conversion = convert_transformers(state_dict, read_folder_config(source), num_heads)
+        if "classifier.weight" in outside and prefix:
+            conversion = _with_transformers_classifier(conversion, tensors, read_folder_config(source) or {})
+    else:
+        conversion = convert_vit(state_dict, source_format, num_heads)
+    dropped = [key for key in outside if not key.startswith("classifier.")] if prefix else []
+    if dropped:
+        conversion.notes.append(f"dropped {len(dropped)} tensors beside the backbone ({dropped[0].split('.')[0]}, ...)")
+    return conversion, state_dict
+
+
+def _with_transformers_classifier(conversion: Conversion, tensors: dict, folder_config: dict) -> Conversion:
+    # Dinov2ForImageClassification: a linear head on cat(CLS, mean patch) of the last block, as DINOv2's.
+    head = {"classifier.weight": tensors["classifier.weight"], "classifier.bias": tensors["classifier.bias"]}
+    labels = {int(index): name for index, name in folder_config.get("id2label", {}).items()} or None
+    return attach_head(conversion, head, num_layers=1, labels=labels)
+
+
+def attach_head(
+    conversion: Conversion, head: dict[str, torch.Tensor], num_layers: int, labels: dict | None
+) -> Conversion:
+    """The conversion with a linear classifier reading the CLS token of the last `num_layers` blocks + mean patch."""
+    config = conversion.config
+    config.classifier_num_layers = num_layers
+    config.num_labels = head["classifier.weight"].shape[0]
+    if labels:
+        config.id2label = labels
+        config.label2id = {name: index for index, name in labels.items()}
+    try:
+        config.validate_vitreg()
+    except ValueError as error:
+        raise UserError(f"this head does not fit the backbone: {error}") from None
+    conversion.state_dict.update(head)
+    return conversion
+
+
+def build_model(conversion: Conversion, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    """A ViTReg model holding the converted tensors themselves (built on the meta device: no second copy)."""
+    state_dict = conversion.state_dict
+    classify = "classifier.weight" in state_dict
+    if classify:
+        state_dict = {
+            key if key.startswith("classifier.") else f"vitreg.{key}": value for key, value in state_dict.items()
+        }
+    with torch.device("meta"):
+        model = (ViTRegForImageClassification if classify else ViTRegModel)(conversion.config)
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state_dict]
+    unknown = [key for key in state_dict if key not in expected]
+    if missing or unknown:
+        problem = f"missing keys {_short(missing)}" if missing else f"unknown keys {_short(unknown)}"
+        raise UserError(f"the checkpoint does not match the architecture its shapes describe: {problem}")
+    for key, tensor in expected.items():
+        if state_dict[key].shape != tensor.shape:
+            raise UserError(f"{key}: shape {list(state_dict[key].shape)}, expected {list(tensor.shape)}")
+    if dtype is not None:
+        state_dict = {key: value.to(dtype) if value.is_floating_point() else value for key, value in state_dict.items()}
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.eval()
+
+
+def _short(keys: list[str]) -> str:
+    return ", ".join(keys[:3]) + (f" (and {len(keys) - 3} more)" if len(keys) > 3 else "")
+
+
+def provenance_of(source: Path, conversion: Conversion, head: Path | None, progress: bool) -> dict:
+    """The provenance record of a conversion (see model_cards), hashing the source file(s)."""
+    provenance = {"kind": "converted", "source_file": source.name, "source_format": conversion.source_format}
+    if source.is_file():
+        provenance["source_sha256"] = sha256(source, progress)
+    official = match_official(conversion.config)
+    if official and conversion.source_format == "dinov2-hub":
+        size = official.name.split("_vit")[1][0]
+        registers = "-with-registers" if official.num_register_tokens else ""
+        provenance.update(official_name=official.name, base_model=f"facebook/dinov2{registers}-{HUB_NAMES[size]}")
+    if conversion.source_format.startswith("dinov2") or conversion.source_format == "transformers":
+        provenance.update(license="apache-2.0", dinov2=True)
+    if head is not None:
+        provenance.update(head_file=head.name, head_sha256=sha256(head, progress))
+    provenance["converter_version"] = vitreg.__version__
+    return provenance
+
+
+def verify_folder(
+    folder: Path, conversion: Conversion, source_state: dict[str, torch.Tensor], source: Path
+) -> dict | None:
+    """Reload the written folder and compare every token with an independent implementation; None if there is none."""
+    from transformers import AutoModel
+
+    config = conversion.config
+    if conversion.source_format == "transformers":
+        reference, name = transformers_reference(source), "transformers"
+    elif timm_available():
+        reference, name = timm_reference(source_state, conversion.source_format, config), "timm"
+    else:
+        return None
+    # The references resize position embeddings without DINOv2's 0.1 offset: compare those models at the native size.
+    sizes = comparison_sizes(config, native_only=bool(config.interpolate_offset))
+    model = AutoModel.from_pretrained(folder)
+    stored_dtype = model.dtype
+    differences = max_token_difference(model.float().eval(), reference, sizes)
+    worst_size = max(differences, key=differences.get)
+    return {
+        "reference": name,
+        "max_abs_diff": differences[worst_size],
+        "image_size": list(worst_size),
+        "sizes": [list(size) for size in sizes],
+        "tolerance": TOLERANCE[stored_dtype],
+    }
+
+
+def convert(
+    source: str | Path,
+    output_dir: str | Path,
+    *,
+    head: str | Path | None = None,
+    overwrite: bool = False,
+    dtype: str | torch.dtype | None = None,
+    num_heads: int | None = None,
+    verify: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Convert a DINOv2 (hub or training), timm or transformers checkpoint into a Hub-ready ViTReg folder.
+
+    `head` adds an official `*_linear_head.pth` / `*_linear4_head.pth` classifier (ImageNet-1k labels);
+    `dtype` ("float32", "float16", "bfloat16") casts the weights; `num_heads` overrides heads = width / 64;
+    `verify` reloads the folder and compares every token with timm / transformers, raising UserError beyond
+    tolerance. The folder appears only when complete; a non-empty `output_dir` needs `overwrite`.
+    """
+    source, output_dir = Path(source), Path(output_dir)
+    check_output_dir(output_dir, overwrite)  # refuse before any heavy work
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    conversion, source_state = read_source(source, num_heads)
+    if head is not None:
+        head = Path(head)
+        weights, num_layers = load_official_head(head, conversion.config.hidden_size)
+        labels = imagenet_labels(weights["classifier.weight"].shape[0])
+        conversion = attach_head(conversion, weights, num_layers, labels)
+    for note in conversion.notes:
+        print(f"note: {note}")
+    model = build_model(conversion, dtype)
+    provenance = provenance_of(source, conversion, head, progress)
+    save_model_folder(model, output_dir, provenance, overwrite=overwrite, max_shard_size=MAX_SHARD_SIZE)
+    del model
+    if verify:
+        _verify_and_record(output_dir, conversion, source_state, source, provenance)
+    return output_dir
+
+
+def _verify_and_record(
+    folder: Path, conversion: Conversion, source_state: dict, source: Path, provenance: dict
+) -> None:
+    import model_cards
+
+    parity = verify_folder(folder, conversion, source_state, source)
+    if parity is None:
+        print("verify: skipped (timm is not installed)")
+        return
+    sizes = ", ".join(f"{h}x{w}" for h, w in parity["sizes"])
+    difference, reference = parity["max_abs_diff"], parity["reference"]
+    print(f"verify: max abs difference {difference:.3g} vs {reference} over every token ({sizes})")
+    tolerance = parity.pop("tolerance")
+    del parity["sizes"]
+    model_cards.write_card(folder, {**provenance, "parity": parity})
+    if parity["max_abs_diff"] > tolerance:
+        raise UserError(f"verification failed: difference {parity['max_abs_diff']:.3g} exceeds {tolerance:g}")
+
+
+def official_files(source_dir: Path) -> list[tuple[str, Path, dict[str, Path]]]:
+    """`(architecture, backbone file, {head kind: head file})` for every official backbone file in a folder."""
+    found = []
+    for path in sorted(source_dir.iterdir()):
+        match = OFFICIAL_FILE.fullmatch(path.name)
+        if match and match.group(1) in OFFICIAL_ARCHITECTURES:
+            name = match.group(1)
+            heads = {kind: source_dir / f"{name}_{kind}_head.pth" for kind in HEAD_KINDS}
+            found.append((name, path, {kind: file for kind, file in heads.items() if file.is_file()}))
+    return found
+
+
+def convert_batch(source_dir: str | Path, output_dir: str | Path, *, overwrite: bool = False, **options) -> list[Path]:
+    """Convert every official DINOv2 file in `source_dir` into `output_dir/<name>[-linear|-linear4]`.
+
+    Folder names: `dinov2-vitb14-reg4` for `dinov2_vitb14_reg4_pretrain.pth`, `dinov2-vitb14-reg4-linear4` with
+    `dinov2_vitb14_reg4_linear4_head.pth`; `options` are those of `convert`.
+    """
+    source_dir, output_dir = Path(source_dir), Path(output_dir)
+    if not source_dir.is_dir():
+        raise UserError(f"{source_dir}: not a folder")
+    found = official_files(source_dir)
+    if not found:
+        raise UserError(f"{source_dir}: no official DINOv2 files (dinov2_vit{{s,b,l,g}}14[_reg4]_pretrain.pth)")
+    jobs = []
+    for name, backbone, heads in found:
+        folder = OFFICIAL_ARCHITECTURES[name].folder_name
+        jobs.append((backbone, output_dir / folder, None))
+        jobs.extend((backbone, output_dir / f"{folder}-{kind}", head) for kind, head in heads.items())
+    for _, target, _ in jobs:  # refuse before converting anything
+        check_output_dir(target, overwrite)
+    written = []
+    for backbone, target, head in jobs:
+        print(f"{backbone.name}{' + ' + head.name if head else ''} -> {target}")
+        written.append(convert(backbone, target, head=head, overwrite=overwrite, **options))
+    return written
+
+
+def export_dinov2(vitreg_dir: str | Path, output_file: str | Path, *, overwrite: bool = False) -> Path:
+    """Write a ViTReg folder's backbone as an official DINOv2 state dict (`.pth`, or `.safetensors`)."""
+    vitreg_dir, output_file = Path(vitreg_dir), Path(output_file)
+    folder_config = read_folder_config(vitreg_dir)
+    if folder_config is None or folder_config.get("model_type") != ViTRegConfig.model_type:
+        raise UserError(f"{vitreg_dir}: not a ViTReg folder (config.json with model_type 'vitreg')")
+    if output_file.exists() and not overwrite:
+        raise UserError(f"{output_file} exists; pass --overwrite to replace it")
+    config = ViTRegConfig.from_pretrained(vitreg_dir)
+    tensors = load_tensors(vitreg_dir)
+    backbone = {
+        key.removeprefix("vitreg."): value for key, value in tensors.items() if not key.startswith("classifier.")
+    }
+    exported = to_dinov2(backbone, config)
+    output_file.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{output_file.name}.tmp-", dir=output_file.parent)
+    os.close(handle)
+    try:
+        if output_file.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(exported, temporary)
+        else:
+            torch.save(exported, temporary)
+        os.replace(temporary, output_file)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    return output_file
