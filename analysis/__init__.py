@@ -1,0 +1,22 @@
+"""Artifact analysis: high-norm tokens, CLS attention and LOST object discovery, with and without registers."""
+
+from .artifacts import ImageAnalysis, ModelAnalysis, analyze, analyze_image
+from .loading import collect_images, load_model
+from .lost import corloc, lost, lost_image, read_voc
+from .report import run_analysis
+from .threshold import auto_threshold
+
+__all__ = [
+    "ImageAnalysis",
+    "ModelAnalysis",
+    "analyze",
+    "analyze_image",
+    "auto_threshold",
+    "collect_images",
+    "corloc",
+    "load_model",
+    "lost",
+    "lost_image",
+    "read_voc",
+    "run_analysis",
+]

@@ -1,0 +1,172 @@
+"""High-norm artifact tokens and CLS attention of a ViTReg model over a set of images: the numbers of the report."""
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers import BaseImageProcessor, PreTrainedModel
+
+from vitreg.errors import UserError
+
+from .hooks import capture_last_qkv, cls_attention
+from .loading import as_named_images, preprocess, unnormalize
+from .threshold import auto_threshold
+
+
+@dataclass
+class ImageAnalysis:
+    """What one image shows about one model; norms are of the output tokens (after the final norm)."""
+
+    image: str
+    photo: np.ndarray  # [H, W, 3] the model's input in [0, 1], for figures
+    norms: np.ndarray  # [h, w] output norm of every patch token
+    cls_norm: float | None
+    register_norms: np.ndarray  # [R]
+    layer_norms: np.ndarray  # [L + 1, h, w] un-normed patch-token norms: embeddings, then every block
+    layer_cls_norms: np.ndarray  # [L + 1] (empty without a CLS token)
+    layer_register_norms: np.ndarray  # [L + 1, R]
+    cls_attention: np.ndarray | None  # [heads, h, w] last-layer attention of CLS to every patch
+    cls_attention_registers: np.ndarray | None  # [heads, R] last-layer attention of CLS to every register
+    threshold: float = 0.0
+    outlier_mask: np.ndarray = field(default=None)  # [h, w] bool, set by `mark_outliers`
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The `(rows, cols)` patch grid."""
+        return tuple(self.norms.shape)
+
+    @property
+    def outliers(self) -> list[list[int]]:
+        """`[row, col]` of every high-norm patch token, row-major."""
+        return [[int(r), int(c)] for r, c in np.argwhere(self.outlier_mask)]
+
+    @property
+    def outlier_fraction(self) -> float:
+        """Share of patch tokens that are outliers: `len(outliers) / (h * w)`."""
+        return len(self.outliers) / self.norms.size
+
+    @property
+    def attention_on_outliers(self) -> np.ndarray | None:
+        """`[heads]` last-layer CLS attention mass that falls on outlier patches."""
+        if self.cls_attention is None:
+            return None
+        return self.cls_attention[:, self.outlier_mask].sum(axis=-1)
+
+    @property
+    def attention_on_registers(self) -> np.ndarray | None:
+        """`[heads]` last-layer CLS attention mass that falls on the registers."""
+        if self.cls_attention_registers is None:
+            return None
+        return self.cls_attention_registers.sum(axis=-1)
+
+
+@dataclass
+class ModelAnalysis:
+    """One model over all images: per-image results and the thresholds, pooled over images, of each layer."""
+
+    model: str
+    num_register_tokens: int
+    patch_size: int
+    threshold: float
+    threshold_rule: str  # "auto" or "fixed"
+    images: list[ImageAnalysis]
+    layer_thresholds: list[float]  # [L + 1] automatic threshold of the un-normed norms of each layer
+
+    def layer_outlier_fractions(self) -> list[float]:
+        """Share of patch tokens above their layer's automatic threshold, pooled over images, per layer."""
+        return [
+            float(np.mean(np.concatenate([a.layer_norms[layer].ravel() for a in self.images]) > cut))
+            for layer, cut in enumerate(self.layer_thresholds)
+        ]
+
+    def layer_norm_ratios(self) -> list[float]:
+        """Largest over median patch-token norm, pooled over images, per layer."""
+        ratios = []
+        for layer in range(len(self.layer_thresholds)):
+            norms = np.concatenate([a.layer_norms[layer].ravel() for a in self.images])
+            ratios.append(float(norms.max() / max(np.median(norms), 1e-12)))
+        return ratios
+
+
+def _norms(tokens: torch.Tensor) -> np.ndarray:
+    return tokens.float().norm(dim=-1).numpy()
+
+
+@torch.no_grad()
+def analyze_image(
+    model: PreTrainedModel, processor: BaseImageProcessor, image: Image.Image, name: str, image_size: int | None = None
+) -> ImageAnalysis:
+    """Norms (output and per layer) and last-layer CLS attention of one image; outliers are marked later."""
+    config = model.config
+    pixel_values = preprocess(processor, image, config.patch_size, image_size)  # [1, 3, H, W]
+    rows, cols = pixel_values.shape[-2] // config.patch_size, pixel_values.shape[-1] // config.patch_size
+    param = next(model.parameters())
+    # All layers' attention maps would be heads * N^2 per block (GBs for ViT-g at 518 px): recompute the last one's.
+    with capture_last_qkv(model) as captured:
+        outputs = model(pixel_values.to(device=param.device, dtype=param.dtype), output_hidden_states=True)
+    prefix, start, registers = config.num_prefix_tokens, int(config.use_cls_token), config.num_register_tokens
+    tokens = outputs.last_hidden_state[0].cpu()  # [P + hw, D]
+    layers = torch.stack(outputs.hidden_states)[:, 0].cpu()  # [L + 1, P + hw, D]
+    has_cls = config.use_cls_token
+    attention_map = cls_registers = None
+    if has_cls:
+        attention = cls_attention(captured["qkv"], config.num_attention_heads)[0].cpu()  # [heads, P + hw]
+        attention_map = attention[:, prefix:].reshape(-1, rows, cols).numpy()
+        cls_registers = attention[:, start : start + registers].numpy()
+    return ImageAnalysis(
+        image=name,
+        photo=unnormalize(processor, pixel_values).numpy(),
+        norms=_norms(tokens[prefix:]).reshape(rows, cols),
+        cls_norm=float(_norms(tokens[0])) if has_cls else None,
+        register_norms=_norms(tokens[start : start + registers]),
+        layer_norms=_norms(layers[:, prefix:]).reshape(-1, rows, cols),
+        layer_cls_norms=_norms(layers[:, 0]) if has_cls else np.zeros(0),
+        layer_register_norms=_norms(layers[:, start : start + registers]),
+        cls_attention=attention_map,
+        cls_attention_registers=cls_registers,
+    )
+
+
+def mark_outliers(analyses: Sequence[ImageAnalysis], threshold: float) -> None:
+    """Mark the patch tokens whose output norm exceeds `threshold` in every analysis."""
+    for analysis in analyses:
+        analysis.threshold = float(threshold)
+        analysis.outlier_mask = analysis.norms > threshold
+
+
+def analyze(
+    model: PreTrainedModel,
+    processor: BaseImageProcessor,
+    images: Sequence[str | Image.Image],
+    image_size: int | None = None,
+    threshold: float | None = None,
+    name: str | None = None,
+    progress: bool = True,
+) -> ModelAnalysis:
+    """Analyse `model` on `images` (paths or PIL images): norms, outliers (automatic or fixed threshold), attention."""
+    named = as_named_images(images)
+    if not named:
+        raise UserError("no images to analyse")
+    results = [
+        analyze_image(model, processor, image, image_name, image_size)
+        for image_name, image in tqdm(named, desc="analysing", unit="image", disable=not progress)
+    ]
+    pooled = np.concatenate([a.norms.ravel() for a in results])
+    cut = auto_threshold(pooled) if threshold is None else float(threshold)
+    mark_outliers(results, cut)
+    depth = results[0].layer_norms.shape[0]
+    layer_thresholds = [
+        auto_threshold(np.concatenate([a.layer_norms[layer].ravel() for a in results])) for layer in range(depth)
+    ]
+    return ModelAnalysis(
+        model=name or str(getattr(model, "name_or_path", "") or type(model).__name__),
+        num_register_tokens=model.config.num_register_tokens,
+        patch_size=model.config.patch_size,
+        threshold=cut,
+        threshold_rule="auto" if threshold is None else "fixed",
+        images=results,
+        layer_thresholds=layer_thresholds,
+    )

@@ -1,0 +1,58 @@
+"""`vitreg analyze MODEL IMAGE_OR_FOLDER... --out DIR`: high-norm artifacts, CLS attention and LOST, as a report."""
+
+import argparse
+from pathlib import Path
+
+from vitreg.errors import UserError
+
+from .lost import LOST_PATCHES
+from .report import run_analysis
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `vitreg analyze`."""
+    parser.add_argument("model", metavar="MODEL", help="ViTReg folder or Hub id (with or without registers)")
+    parser.add_argument("images", metavar="IMAGE_OR_FOLDER", nargs="*", help="images, or folders of images")
+    parser.add_argument("--out", required=True, type=Path, help="output folder: report.json, figures/, index.html")
+    parser.add_argument(
+        "--image-size", type=int, help="resize the short side to N and center-crop NxN (518: the paper's 37x37 grid)"
+    )
+    parser.add_argument("--threshold", type=float, help="fixed outlier norm (default: an automatic robust threshold)")
+    parser.add_argument("--compare", metavar="OTHER_MODEL", help="a second model analysed side by side")
+    parser.add_argument("--lost", metavar="VOC_ROOT", type=Path, help="LOST object discovery CorLoc over a VOC folder")
+    parser.add_argument("--lost-split", metavar="NAME", help="use ImageSets/Main/NAME.txt (default: all annotations)")
+    parser.add_argument("--lost-patches", type=int, default=LOST_PATCHES, help="LOST's k (default %(default)s)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Analyse, write the report and print where it is."""
+    if not args.images and args.lost is None:
+        raise UserError("give at least one image or folder, or --lost VOC_ROOT")
+    if args.threshold is not None and args.threshold <= 0:
+        raise UserError(f"--threshold must be positive, got {args.threshold}")
+    if args.lost_patches < 1:
+        raise UserError(f"--lost-patches must be at least 1, got {args.lost_patches}")
+    report = run_analysis(
+        args.model,
+        args.images,
+        args.out,
+        image_size=args.image_size,
+        threshold=args.threshold,
+        compare=args.compare,
+        lost_root=args.lost,
+        lost_split=args.lost_split,
+        lost_patches=args.lost_patches,
+        overwrite=args.overwrite,
+    )
+    for record in [report] + ([report["compare"]] if "compare" in report else []):
+        if record.get("images"):
+            s = record["summary"]
+            print(
+                f"{record['model']}: {s['outlier_fraction']:.2%} high-norm patch tokens "
+                f"(threshold {s['threshold']:.4g}, {s['images_with_outliers']}/{s['num_images']} images)"
+            )
+    for name, result in report.get("lost", {}).items():
+        print(f"{name}: LOST CorLoc {result['corloc']:.4f} over {result['num_images']} images")
+    print(f"report: {args.out / 'report.json'}  figures: {args.out / 'index.html'}")
+    return 0

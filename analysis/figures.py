@@ -1,0 +1,103 @@
+"""PNG figures of an analysis (matplotlib, Agg): per-image maps, the norm histogram, per-layer curves, LOST boxes."""
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+
+from .artifacts import ImageAnalysis, ModelAnalysis  # noqa: E402
+from .loading import open_image  # noqa: E402
+
+
+def _save(fig, folder: Path, name: str) -> str:
+    fig.savefig(folder / name, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return name
+
+
+def _label(analysis: ModelAnalysis) -> str:
+    return f"{Path(analysis.model).name or analysis.model} ({analysis.num_register_tokens} reg)"
+
+
+def image_figure(folder: Path, name: str, per_model: Sequence[ImageAnalysis], models: Sequence[ModelAnalysis]) -> str:
+    """One row per model: the input photo, the output norm map (outliers circled), the mean CLS attention map."""
+    fig, axes = plt.subplots(len(per_model), 3, figsize=(12, 4 * len(per_model)), squeeze=False)
+    for row, (image, model) in zip(axes, zip(per_model, models)):
+        row[0].imshow(image.photo)
+        row[0].set_title(f"{_label(model)}\n{Path(image.image).name}", fontsize=9)
+        shown = row[1].imshow(image.norms, cmap="viridis")
+        fig.colorbar(shown, ax=row[1], fraction=0.046)
+        outliers = np.argwhere(image.outlier_mask)
+        if len(outliers):
+            row[1].scatter(outliers[:, 1], outliers[:, 0], s=12, facecolors="none", edgecolors="red", linewidths=0.8)
+        row[1].set_title(
+            f"output norms: {len(outliers)} outliers ({image.outlier_fraction:.1%}) > {image.threshold:.3g}"
+        )
+        if image.cls_attention is None:
+            row[2].text(0.5, 0.5, "no CLS token", ha="center", va="center")
+        else:
+            shown = row[2].imshow(image.cls_attention.mean(axis=0), cmap="inferno")
+            fig.colorbar(shown, ax=row[2], fraction=0.046)
+            title = f"CLS attention (last layer): {image.attention_on_outliers.mean():.1%} on outliers"
+            if model.num_register_tokens:
+                title += f", {image.attention_on_registers.mean():.1%} on registers"
+            row[2].set_title(title, fontsize=9)
+        for ax in row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    return _save(fig, folder, name)
+
+
+def histogram_figure(folder: Path, name: str, models: Sequence[ModelAnalysis]) -> str:
+    """Histogram of output patch-token norms over all images (log scale), one panel per model, threshold marked."""
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        norms = np.concatenate([a.norms.ravel() for a in model.images])
+        bins = np.geomspace(max(norms.min(), 1e-6), max(norms.max(), model.threshold) * 1.05, 60)
+        ax.hist(norms, bins=bins, color="tab:blue")
+        ax.axvline(model.threshold, color="red", linestyle="--", label=f"threshold {model.threshold:.3g}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("output norm of patch tokens")
+        ax.set_ylabel("tokens")
+        ax.set_title(_label(model), fontsize=9)
+        ax.legend()
+    return _save(fig, folder, name)
+
+
+def layer_figure(folder: Path, name: str, models: Sequence[ModelAnalysis]) -> str:
+    """Per layer: share of high-norm patch tokens and largest / median norm, one line per model."""
+    fig, (share, ratio) = plt.subplots(1, 2, figsize=(12, 4))
+    for model in models:
+        layers = range(len(model.layer_thresholds))
+        share.plot(layers, model.layer_outlier_fractions(), marker="o", label=_label(model))
+        ratio.plot(layers, model.layer_norm_ratios(), marker="o", label=_label(model))
+    share.set_ylabel("outlier fraction (automatic threshold per layer)")
+    ratio.set_ylabel("max / median patch-token norm")
+    ratio.set_yscale("log")
+    for ax in (share, ratio):
+        ax.set_xlabel("layer (0 = embeddings)")
+        ax.legend()
+    return _save(fig, folder, name)
+
+
+def lost_figure(folder: Path, name: str, results: dict, limit: int = 8) -> str:
+    """The first images of each LOST run with the found box (red) and the ground-truth boxes (green)."""
+    runs = list(results.items())
+    count = min(limit, max(len(r["images"]) for _, r in runs))
+    fig, axes = plt.subplots(len(runs), count, figsize=(3 * count, 3 * len(runs)), squeeze=False)
+    for row, (model, result) in zip(axes, runs):
+        for ax, entry in zip(row, result["images"][:count]):
+            ax.imshow(open_image(entry["image"]))
+            for box, colour in [(b, "lime") for b in entry["gt_boxes"]] + [(entry["box"], "red")]:
+                x0, y0, x1, y1 = box
+                ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colour, linewidth=2))
+            ax.set_title(f"{Path(model).name}: IoU {entry['iou']:.2f}", fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    return _save(fig, folder, name)

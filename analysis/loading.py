@@ -1,0 +1,103 @@
+"""Inputs of an analysis: a ViTReg model with its image processor, and the images, refused clearly when unusable."""
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, BaseImageProcessor, PreTrainedModel
+
+import modeling_vitreg  # noqa: F401  (registers ViTReg with the Auto classes)
+from vitreg.errors import UserError
+from vitreg.hub import image_processor as default_image_processor
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def load_model(name_or_path: str | Path) -> tuple[PreTrainedModel, BaseImageProcessor]:
+    """A ViTReg folder or Hub id as an eval-mode fp32 `ViTRegModel` and its image processor."""
+    source = str(name_or_path)
+    path = Path(source)
+    if path.exists() and not (path / "config.json").is_file():
+        raise UserError(f"{source} is not a model folder (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot load a model config from {source}: {str(error).splitlines()[0]}") from None
+    if config.model_type != "vitreg":
+        raise UserError(f"{source} holds a {config.model_type!r} model, not a ViTReg model; convert it first")
+    try:
+        model = AutoModel.from_pretrained(source, dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise UserError(f"cannot load the model weights from {source}: {str(error).splitlines()[0]}") from None
+    try:
+        processor = AutoImageProcessor.from_pretrained(source)
+    except (OSError, ValueError):
+        processor = default_image_processor()  # a folder without preprocessor_config.json: DINOv2's defaults
+    return model.eval(), processor
+
+
+def collect_images(paths: Iterable[str | Path]) -> list[Path]:
+    """Image files named directly or found (sorted, not recursively) in the named folders."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise UserError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UserError(f"{path} does not exist")
+    return files
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """An image file as RGB, or a UserError naming the file."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise UserError(f"{path} is not a readable image ({type(error).__name__})") from None
+
+
+def as_named_images(images: Sequence[str | Path | Image.Image]) -> list[tuple[str, Image.Image]]:
+    """`(name, RGB image)` pairs from paths (named by the path) or PIL images (named `image_<i>`)."""
+    named = []
+    for index, image in enumerate(images):
+        if isinstance(image, Image.Image):
+            named.append((f"image_{index}", image.convert("RGB")))
+        else:
+            named.append((str(image), open_image(image)))
+    return named
+
+
+def preprocess(
+    processor: BaseImageProcessor, image: Image.Image, patch_size: int, image_size: int | None = None
+) -> torch.Tensor:
+    """`[1, 3, H, W]`: the model's own preprocessing, or the short side resized to `image_size` and cropped square."""
+    if image_size is not None:
+        if image_size <= 0 or image_size % patch_size:
+            raise UserError(f"--image-size {image_size} is not a positive multiple of the patch size {patch_size}")
+        size = {"size": {"shortest_edge": image_size}, "crop_size": {"height": image_size, "width": image_size}}
+    else:
+        size = {}
+    pixel_values = processor(image, return_tensors="pt", **size)["pixel_values"]  # [1, 3, H, W]
+    height, width = pixel_values.shape[-2:]
+    if height % patch_size or width % patch_size:
+        raise UserError(
+            f"the model's preprocessing gives {height}x{width} images, not a multiple of the patch size {patch_size}; "
+            "pass --image-size"
+        )
+    return pixel_values
+
+
+def unnormalize(processor: BaseImageProcessor, pixel_values: torch.Tensor) -> torch.Tensor:
+    """`[1, 3, H, W]` model input back to `[H, W, 3]` RGB in [0, 1] for display."""
+    mean = torch.tensor(processor.image_mean if processor.do_normalize else (0.0, 0.0, 0.0)).view(3, 1, 1)
+    std = torch.tensor(processor.image_std if processor.do_normalize else (1.0, 1.0, 1.0)).view(3, 1, 1)
+    image = pixel_values[0].float() * std + mean
+    if not processor.do_rescale:
+        image = image / 255.0
+    return image.clamp(0, 1).permute(1, 2, 0)

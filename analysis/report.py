@@ -1,0 +1,256 @@
+"""The analysis as files: report.json (numbers), PNG figures and an index.html that shows them with a summary."""
+
+import html
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from transformers import BaseImageProcessor, PreTrainedModel
+
+from vitreg.errors import UserError
+from vitreg.hub import atomic_output_dir
+
+from .artifacts import ImageAnalysis, ModelAnalysis, analyze
+from .figures import histogram_figure, image_figure, layer_figure, lost_figure
+from .loading import collect_images, load_model
+from .lost import LOST_PATCHES, corloc
+
+ModelSource = str | Path | tuple[PreTrainedModel, BaseImageProcessor]
+
+
+def _round(values, digits: int = 4):
+    """Nested lists of rounded floats for JSON."""
+    return np.round(np.asarray(values, dtype=np.float64), digits).tolist()
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def image_record(analysis: ImageAnalysis, layer_thresholds: Sequence[float]) -> dict:
+    """One image's entry of report.json."""
+    a = analysis
+    on_outliers, on_registers = a.attention_on_outliers, a.attention_on_registers
+    return {
+        "image": a.image,
+        "grid": list(a.grid),
+        "norms": _round(a.norms),
+        "threshold": a.threshold,
+        "outliers": a.outliers,
+        "outlier_fraction": a.outlier_fraction,
+        "cls_norm": a.cls_norm,
+        "register_norms": _round(a.register_norms),
+        "patch_norm_median": float(np.median(a.norms)),
+        "patch_norm_max": float(a.norms.max()),
+        "cls_attention": None if a.cls_attention is None else _round(a.cls_attention.mean(axis=0), 6),
+        "attention_on_outliers": None if on_outliers is None else float(on_outliers.mean()),
+        "attention_on_outliers_per_head": None if on_outliers is None else _round(on_outliers, 6),
+        "attention_on_registers": None if on_registers is None else float(on_registers.mean()),
+        "attention_on_registers_per_head": None if on_registers is None else _round(on_registers, 6),
+        "layers": {
+            "patch_norm_median": _round(np.median(a.layer_norms.reshape(len(a.layer_norms), -1), axis=1)),
+            "patch_norm_max": _round(a.layer_norms.reshape(len(a.layer_norms), -1).max(axis=1)),
+            "outlier_fraction": _round(
+                [float((norms > cut).mean()) for norms, cut in zip(a.layer_norms, layer_thresholds)], 6
+            ),
+            "cls_norm": _round(a.layer_cls_norms),
+            "register_norms": _round(a.layer_register_norms),
+        },
+    }
+
+
+def emergence_layer(analysis: ModelAnalysis) -> int | None:
+    """The first hidden state (0 = embeddings) where at least half of the final outliers are already high-norm."""
+    final = np.concatenate([a.outlier_mask.ravel() for a in analysis.images])
+    if not final.any():
+        return None
+    for layer, cut in enumerate(analysis.layer_thresholds):
+        norms = np.concatenate([a.layer_norms[layer].ravel() for a in analysis.images])
+        if (norms[final] > cut).mean() >= 0.5:
+            return layer
+    return None
+
+
+def summary(analysis: ModelAnalysis) -> dict:
+    """Numbers over all images of one model."""
+    images = analysis.images
+    norms = np.concatenate([a.norms.ravel() for a in images])
+    mask = np.concatenate([a.outlier_mask.ravel() for a in images])
+    registers = np.concatenate([a.register_norms for a in images])
+    return {
+        "num_images": len(images),
+        "threshold": analysis.threshold,
+        "threshold_rule": analysis.threshold_rule,
+        "outlier_fraction": float(mask.mean()),
+        "images_with_outliers": sum(bool(a.outlier_mask.any()) for a in images),
+        "patch_norm_median": float(np.median(norms)),
+        "patch_norm_max": float(norms.max()),
+        "outlier_norm_mean": float(norms[mask].mean()) if mask.any() else None,
+        "normal_norm_mean": float(norms[~mask].mean()) if (~mask).any() else None,
+        "cls_norm_mean": _mean([a.cls_norm for a in images]),
+        "register_norm_mean": float(registers.mean()) if registers.size else None,
+        "attention_on_outliers": _mean(
+            [None if a.cls_attention is None else a.attention_on_outliers.mean() for a in images]
+        ),
+        "attention_on_registers": _mean(
+            [None if a.cls_attention_registers is None else a.attention_on_registers.mean() for a in images]
+        ),
+        "emergence_layer": emergence_layer(analysis),
+        "layers": [
+            {"layer": layer, "threshold": cut, "outlier_fraction": fraction, "max_over_median": ratio}
+            for layer, (cut, fraction, ratio) in enumerate(
+                zip(analysis.layer_thresholds, analysis.layer_outlier_fractions(), analysis.layer_norm_ratios())
+            )
+        ],
+    }
+
+
+def model_record(analysis: ModelAnalysis) -> dict:
+    """A model's part of report.json: its name, per-image entries and summary."""
+    return {
+        "model": analysis.model,
+        "num_register_tokens": analysis.num_register_tokens,
+        "patch_size": analysis.patch_size,
+        "images": [image_record(a, analysis.layer_thresholds) for a in analysis.images],
+        "summary": summary(analysis),
+    }
+
+
+SUMMARY_ROWS = (
+    ("registers", "num_register_tokens"),
+    ("threshold", "threshold"),
+    ("outlier fraction", "outlier_fraction"),
+    ("images with outliers", "images_with_outliers"),
+    ("median patch norm", "patch_norm_median"),
+    ("mean outlier norm", "outlier_norm_mean"),
+    ("mean CLS norm", "cls_norm_mean"),
+    ("mean register norm", "register_norm_mean"),
+    ("CLS attention on outliers", "attention_on_outliers"),
+    ("CLS attention on registers", "attention_on_registers"),
+    ("outliers emerge at layer", "emergence_layer"),
+)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return html.escape(str(value))
+
+
+def write_index(folder: Path, report: dict) -> None:
+    """`index.html`: the summary table, a per-image table and every figure."""
+    models = [report] + ([report["compare"]] if "compare" in report else [])
+    head = "".join(f"<th>{html.escape(m['model'])}</th>" for m in models)
+    rows = []
+    for label, key in SUMMARY_ROWS:
+        values = [m.get(key, m["summary"].get(key)) for m in models]
+        rows.append(f"<tr><td>{label}</td>{''.join(f'<td>{_cell(v)}</td>' for v in values)}</tr>")
+    per_image = []
+    for index, record in enumerate(report["images"]):
+        cells = [html.escape(record["image"]), "×".join(map(str, record["grid"]))]
+        for m in models:
+            other = m["images"][index]
+            cells += [
+                f"{other['outlier_fraction']:.4f}",
+                _cell(other["cls_norm"]),
+                _cell(other["attention_on_outliers"]),
+            ]
+        per_image.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    image_head = "".join(
+        f"<th>{html.escape(m['model'])}: {k}</th>"
+        for m in models
+        for k in ("outliers", "CLS norm", "attn. on outliers")
+    )
+    lost = ""
+    if "lost" in report:
+        lost = "<h2>LOST object discovery</h2><table>" + "".join(
+            f"<tr><td>{html.escape(name)}</td><td>CorLoc {result['corloc']:.4f}</td>"
+            f"<td>{result['num_images']} images</td></tr>"
+            for name, result in report["lost"].items()
+        )
+        lost += "</table>"
+    figures = "".join(f'<p><img src="{html.escape(path)}" alt="{html.escape(path)}"></p>' for path in report["figures"])
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>ViTReg artifact analysis</title>
+<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} td:first-child{{text-align:left}} img{{max-width:100%}}
+</style></head><body>
+<h1>High-norm artifact tokens</h1>
+<p>Output-token norms (after the final norm); outliers are patch tokens above the threshold
+({html.escape(report["summary"]["threshold_rule"])} threshold). Attention: the CLS token's, in the last layer.</p>
+<h2>Summary</h2><table><tr><th></th>{head}</tr>{"".join(rows)}</table>
+{lost}
+<h2>Per image</h2><table><tr><th>image</th><th>grid</th>{image_head}</tr>{"".join(per_image)}</table>
+<h2>Figures</h2>{figures}
+</body></html>
+"""
+    (folder / "index.html").write_text(page)
+
+
+def _load(source: ModelSource) -> tuple[PreTrainedModel, BaseImageProcessor, str]:
+    if isinstance(source, tuple):
+        model, processor = source
+        return model, processor, str(getattr(model, "name_or_path", "") or type(model).__name__)
+    model, processor = load_model(source)
+    return model, processor, str(source)
+
+
+def run_analysis(
+    model: ModelSource,
+    images: Sequence[str | Path | Image.Image],
+    out: str | Path,
+    *,
+    image_size: int | None = None,
+    threshold: float | None = None,
+    compare: ModelSource | None = None,
+    lost_root: str | Path | None = None,
+    lost_split: str | None = None,
+    lost_patches: int = LOST_PATCHES,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Analyse a model (and `compare`) on images (files, folders or PIL images), write `out/`; return report.json."""
+    expanded = []
+    for item in images:  # a folder expands, in place, into its sorted image files
+        expanded.extend([item] if isinstance(item, Image.Image) else collect_images([item]))
+    if not expanded and lost_root is None:
+        raise UserError("nothing to analyse: give images or a VOC folder for LOST")
+    sources = [model] + ([compare] if compare is not None else [])
+    loaded = [_load(source) for source in sources]
+    analyses = []
+    if expanded:
+        analyses = [
+            analyze(m, processor, expanded, image_size, threshold, name=name, progress=progress)
+            for m, processor, name in loaded
+        ]
+    with atomic_output_dir(Path(out), overwrite) as folder:
+        report: dict = {"model": loaded[0][2], "image_size": image_size}
+        figures = []
+        if analyses:
+            report.update(model_record(analyses[0]))
+            if len(analyses) > 1:
+                report["compare"] = model_record(analyses[1])
+            (folder / "figures").mkdir()
+            for index, per_model in enumerate(zip(*(a.images for a in analyses))):
+                stem = Path(per_model[0].image).stem
+                figures.append(image_figure(folder, f"figures/image_{index:03d}_{stem}.png", per_model, analyses))
+            figures.append(histogram_figure(folder, "figures/norm_histogram.png", analyses))
+            figures.append(layer_figure(folder, "figures/layer_outliers.png", analyses))
+        if lost_root is not None:
+            report["lost"] = {}
+            (folder / "figures").mkdir(exist_ok=True)
+            for m, processor, name in loaded:
+                result = corloc(m, processor, lost_root, lost_split, image_size, lost_patches, progress)
+                report["lost"][name] = result
+            figures.append(lost_figure(folder, "figures/lost.png", report["lost"]))
+        report["figures"] = figures
+        report.setdefault("images", [])
+        report.setdefault("summary", {"threshold_rule": "none"})
+        (folder / "report.json").write_text(json.dumps(report, indent=1))
+        write_index(folder, report)
+    return report
