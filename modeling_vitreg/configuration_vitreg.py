@@ -33,7 +33,8 @@ class ViTRegConfig(BackboneConfigMixin, PreTrainedConfig):
         interpolate_antialias: antialiased bicubic position interpolation (DINOv2 register models).
         interpolate_offset: when non-zero, interpolate by scale factor `(grid + offset) / old_grid` as DINOv2
             models without registers do (0.1); when 0, interpolate to the target size.
-        use_mask_token: learn a mask token for masked image modelling (`bool_masked_pos`).
+        use_mask_token: ViTRegModel learns a mask token for masked image modelling (`bool_masked_pos`); the
+            classification and backbone heads never mask patches and build none.
         use_cls_token: prepend a CLS token (timm's SBB "gap" models have none).
         use_fc_norm: apply the final LayerNorm to the pooled mean instead of to every token (timm's "gap" models).
         cls_token_position_embedding: add a position embedding to the CLS token (timm folds it into the token).
@@ -93,7 +94,8 @@ class ViTRegConfig(BackboneConfigMixin, PreTrainedConfig):
                 raise ValueError(f"ViTRegConfig.{name} must be positive, got {getattr(self, name)}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
-                f"hidden_size ({self.hidden_size}) is not a multiple of num_attention_heads ({self.num_attention_heads})"
+                f"hidden_size ({self.hidden_size}) is not a multiple of "
+                f"num_attention_heads ({self.num_attention_heads})"
             )
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size ({self.image_size}) is not a multiple of patch_size ({self.patch_size})")

@@ -17,7 +17,8 @@ from transformers.backbone_utils import BackboneMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BackboneOutput, ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_vitreg import ViTRegConfig
@@ -74,9 +75,13 @@ class ViTRegPatchEmbeddings(nn.Module):
 
 
 class ViTRegEmbeddings(nn.Module):
-    """CLS token, register tokens, (masked) patch embeddings and their interpolated position embeddings."""
+    """CLS token, register tokens, (masked) patch embeddings and their interpolated position embeddings.
 
-    def __init__(self, config: ViTRegConfig):
+    The mask token exists only where `bool_masked_pos` can reach it (`use_mask_token`, default from the config):
+    a parameter no forward pass uses would never get a gradient.
+    """
+
+    def __init__(self, config: ViTRegConfig, use_mask_token: bool | None = None):
         super().__init__()
         self.config = config
         dim = config.hidden_size
@@ -86,7 +91,8 @@ class ViTRegEmbeddings(nn.Module):
         self.register_tokens = (
             nn.Parameter(torch.zeros(1, config.num_register_tokens, dim)) if config.num_register_tokens else None
         )
-        self.mask_token = nn.Parameter(torch.zeros(1, dim)) if config.use_mask_token else None
+        use_mask_token = config.use_mask_token if use_mask_token is None else use_mask_token
+        self.mask_token = nn.Parameter(torch.zeros(1, dim)) if use_mask_token else None
         self.num_cls_positions = int(config.use_cls_token and config.cls_token_position_embedding)
         self.position_embeddings = nn.Parameter(torch.zeros(1, self.num_cls_positions + self.grid**2, dim))
 
@@ -117,7 +123,7 @@ class ViTRegEmbeddings(nn.Module):
         embeddings = self.patch_embeddings(pixel_values)  # [B, HW, D]
         if bool_masked_pos is not None:
             if self.mask_token is None:
-                raise ValueError("bool_masked_pos needs a model built with use_mask_token=True")
+                raise ValueError("bool_masked_pos needs a ViTRegModel built with use_mask_token=True")
             if bool_masked_pos.shape != embeddings.shape[:2]:
                 raise ValueError(
                     f"bool_masked_pos must have shape {list(embeddings.shape[:2])}, got {list(bool_masked_pos.shape)}"
@@ -174,7 +180,9 @@ class ViTRegAttention(nn.Module):
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.proj_bias)
 
-    def forward(self, hidden_states: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, hidden_states: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, seq_len, dim = hidden_states.shape
         qkv = self.qkv(hidden_states).view(batch_size, seq_len, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, N, d]
@@ -261,7 +269,7 @@ class ViTRegLayer(GradientCheckpointingLayer):
         self.layer_scale2 = ViTRegLayerScale(config) if with_scale else nn.Identity()
         self.drop_path = ViTRegDropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
 
-    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> torch.Tensor:
         attn_output, _ = self.attention(self.norm1(hidden_states), **kwargs)
         hidden_states = hidden_states + self.drop_path(self.layer_scale1(attn_output))
         mlp_output = self.mlp(self.norm2(hidden_states))
@@ -345,18 +353,23 @@ def split_tokens(config: ViTRegConfig, tokens: torch.Tensor) -> tuple[torch.Tens
 class ViTRegModel(ViTRegPreTrainedModel):
     """The bare ViTReg encoder: embeddings, blocks and the final LayerNorm."""
 
-    def __init__(self, config: ViTRegConfig):
+    def __init__(self, config: ViTRegConfig, use_mask_token: bool | None = None):
         super().__init__(config)
-        self.embeddings = ViTRegEmbeddings(config)
+        self.embeddings = ViTRegEmbeddings(config, use_mask_token)
         self.encoder = ViTRegEncoder(config)
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
-        return self.embeddings.patch_embeddings
+        """The patch projection, the layer that embeds the input (hooked by `enable_input_require_grads`)."""
+        return self.embeddings.patch_embeddings.projection
 
     def forward_blocks(
-        self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None, keep: Sequence[int] = (), **kwargs
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.Tensor | None = None,
+        keep: Sequence[int] = (),
+        **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Un-normed output of the last block and of the blocks in `keep` (0 = embeddings)."""
         embeddings = self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
@@ -386,7 +399,10 @@ class ViTRegModel(ViTRegPreTrainedModel):
 
     @capture_outputs(tie_last_hidden_states=False)
     def forward(
-        self, pixel_values: torch.Tensor | None = None, bool_masked_pos: torch.Tensor | None = None, **kwargs
+        self,
+        pixel_values: torch.Tensor | None = None,
+        bool_masked_pos: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> ViTRegModelOutput:
         r"""
         pixel_values: `[B, C, H, W]` with H and W multiples of the patch size; any aspect ratio.
@@ -434,7 +450,8 @@ class ViTRegForImageClassification(ViTRegPreTrainedModel):
     def __init__(self, config: ViTRegConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.vitreg = ViTRegModel(config)
+        # The head never masks patches: no mask token (DINOv2 checkpoints carry one; loading skips it).
+        self.vitreg = ViTRegModel(config, use_mask_token=False)
         if config.use_fc_norm:
             in_features = config.hidden_size
         else:
@@ -444,7 +461,10 @@ class ViTRegForImageClassification(ViTRegPreTrainedModel):
 
     @capture_outputs(tie_last_hidden_states=False)
     def forward(
-        self, pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None, **kwargs
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> ImageClassifierOutput:
         r"""
         labels: `[B]` class indices (cross-entropy; or regression when `num_labels == 1`) or `[B, num_labels]`
@@ -475,25 +495,27 @@ class ViTRegBackbone(BackboneMixin, ViTRegPreTrainedModel):
     def __init__(self, config: ViTRegConfig):
         super().__init__(config)
         self.num_features = [config.hidden_size] * (config.num_hidden_layers + 1)
-        self.embeddings = ViTRegEmbeddings(config)
+        self.embeddings = ViTRegEmbeddings(config, use_mask_token=False)  # feature maps are never masked
         self.encoder = ViTRegEncoder(config)
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
-        return self.embeddings.patch_embeddings
+        """The patch projection, the layer that embeds the input (hooked by `enable_input_require_grads`)."""
+        return self.embeddings.patch_embeddings.projection
 
     @capture_outputs(tie_last_hidden_states=False)
-    def forward(self, pixel_values: torch.Tensor, **kwargs) -> BackboneOutput:
+    def forward(self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> BackboneOutput:
         r"""
         pixel_values: `[B, C, H, W]`; the feature maps come out as `[B, D, H / patch, W / patch]`.
         """
         rows, cols = grid_size(self.config, pixel_values.shape[-2], pixel_values.shape[-1])
-        stages = sorted(set(self.out_indices))
+        out_indices = [index % len(self.stage_names) for index in self.out_indices]  # out_indices may be negative
+        stages = sorted(set(out_indices))
         _, kept = self.encoder(self.embeddings(pixel_values), keep=stages, **kwargs)
         by_stage = dict(zip(stages, kept))
         feature_maps = []
-        for stage in self.out_indices:
+        for stage in out_indices:
             hidden_state = by_stage[stage]
             if self.config.apply_layernorm:
                 hidden_state = self.layernorm(hidden_state)
