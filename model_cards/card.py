@@ -1,34 +1,367 @@
-"""A correct minimal model card; the model-cards issue grows it into the full generator."""
+"""The model card of every folder ViTReg writes: metadata through ModelCardData, body from a Jinja template."""
 
 import json
+import struct
 from pathlib import Path
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from vitreg import __version__
+
+from . import registry
+
+TEMPLATE_PATH = Path(__file__).parent / "templates" / "modelcard.md"
+PROVENANCE_FILE = "provenance.json"  # written beside README.md so `vitreg publish` can regenerate the card
+EXAMPLE_IMAGE_URL = "http://images.cocodataset.org/val2017/000000039769.jpg"  # the usage snippets' one image
+UNPUBLISHED_REPO_ID = "ORG/NAME"  # stands in the snippets until `vitreg publish` writes the real repo id
+KINDS = ("converted", "trained", "random")
+
+REGISTERS_BIBTEX = """@inproceedings{darcet2024registers,
+  title     = {Vision Transformers Need Registers},
+  author    = {Darcet, Timoth{\\'e}e and Oquab, Maxime and Mairal, Julien and Bojanowski, Piotr},
+  booktitle = {International Conference on Learning Representations (ICLR)},
+  year      = {2024},
+  eprint    = {2309.16588},
+  archivePrefix = {arXiv}
+}"""
+
+DINOV2_BIBTEX = """@article{oquab2023dinov2,
+  title   = {{DINOv2}: Learning Robust Visual Features without Supervision},
+  author  = {Oquab, Maxime and Darcet, Timoth{\\'e}e and Moutakanni, Th{\\'e}o and Vo, Huy V. and Szafraniec, Marc
+             and Khalidov, Vasil and Fernandez, Pierre and Haziza, Daniel and Massa, Francisco and El-Nouby, Alaaeldin
+             and Assran, Mahmoud and Ballas, Nicolas and Galuba, Wojciech and Howes, Russell and Huang, Po-Yao
+             and Li, Shang-Wen and Misra, Ishan and Rabbat, Michael and Sharma, Vasu and Synnaeve, Gabriel
+             and Xu, Hu and Jegou, Herv{\\'e} and Mairal, Julien and Labatut, Patrick and Joulin, Armand
+             and Bojanowski, Piotr},
+  journal = {Transactions on Machine Learning Research (TMLR)},
+  year    = {2023},
+  eprint  = {2304.07193},
+  archivePrefix = {arXiv}
+}"""
+
+SOURCE_FORMATS = {
+    "dinov2-hub": "an official DINOv2 `torch.hub` checkpoint",
+    "dinov2-train": "a checkpoint of DINOv2's own trainer (teacher backbone)",
+    "timm": "a timm checkpoint",
+    "transformers": "a transformers Dinov2 / Dinov2WithRegisters checkpoint",
+}
+OBJECTIVES = {
+    "dinov2": "DINOv2 self-supervised recipe (DINO and iBOT losses, KoLeo, EMA teacher, multi-crop)",
+    "supervised": "supervised image-classification recipe",
+}
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file as a dict ({} when the file is absent)."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def count_parameters(folder: Path) -> int | None:
+    """Number of weights in the folder's safetensors files, read from their headers (None without any)."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for file in files:
+        with open(file, "rb") as handle:
+            (header_size,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(header_size))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                total += _product(entry["shape"])
+    return total
+
+
+def _product(shape: list[int]) -> int:
+    result = 1
+    for size in shape:
+        result *= size
+    return result
+
+
+def official_model(provenance: dict) -> tuple[registry.OfficialBackbone | None, str | None]:
+    """The registry row of an official DINOv2 source and its head kind ("linear", "linear4" or None)."""
+    name = provenance.get("official_name")
+    if not name:
+        return None, None
+    backbone = registry.official_backbone(name)
+    head_file = provenance.get("head_file")
+    return backbone, registry.head_kind_of_file(head_file) if head_file else None
+
+
+def uses_dinov2(provenance: dict) -> bool:
+    """Whether the weights are DINOv2's or come from the DINOv2 recipe (tag and citation apply)."""
+    return bool(
+        provenance.get("official_name")
+        or str(provenance.get("source_format", "")).startswith("dinov2")
+        or provenance.get("objective") == "dinov2"
+    )
+
+
+def card_data(config: dict, provenance: dict, repo_id: str | None = None) -> ModelCardData:
+    """The card's YAML metadata: license, library, pipeline tag, tags, datasets, base model, model-index."""
+    is_classifier = _is_classifier(config)
+    backbone, head = official_model(provenance)
+    datasets = provenance.get("datasets") or ([registry.IMAGENET_DATASET] if backbone and head else None)
+    eval_results = None
+    if backbone:
+        eval_results = [
+            EvalResult(
+                task_type="image-classification",
+                task_name="Image Classification",
+                dataset_type=registry.IMAGENET_DATASET,
+                dataset_name="ImageNet-1k",
+                dataset_split="validation",
+                metric_type="accuracy",
+                metric_name="Top-1 accuracy (linear evaluation, published by DINOv2)",
+                metric_value=backbone.imagenet_linear_top1,
+                source_name="DINOv2 model table (not re-measured by ViTReg)",
+                source_url=registry.DINOV2_REPO_URL,
+            )
+        ]
+    return ModelCardData(
+        license=provenance.get("license", "apache-2.0"),
+        library_name="transformers",
+        pipeline_tag="image-classification" if is_classifier else "image-feature-extraction",
+        tags=["vitreg", "vision", "registers"] + (["dinov2"] if uses_dinov2(provenance) else []),
+        datasets=datasets,
+        base_model=provenance.get("base_model") or (backbone.base_model if backbone else None),
+        model_name=title(provenance, repo_id) if eval_results else None,
+        eval_results=eval_results,
+    )
+
+
+def title(provenance: dict, repo_id: str | None) -> str:
+    """The card's heading: the repo name, else the official repo name, else the provenance's name."""
+    if repo_id:
+        return repo_id.split("/")[-1]
+    backbone, head = official_model(provenance)
+    if backbone:
+        return backbone.head_repo_name(head) if head else backbone.repo_name
+    return provenance.get("name") or "ViTReg model"
+
+
+def _is_classifier(config: dict) -> bool:
+    architectures = config.get("architectures") or ["ViTRegModel"]
+    return architectures[0].endswith("ForImageClassification")
+
+
+def summary(config: dict, provenance: dict) -> str:
+    """The opening paragraph: what the model is."""
+    backbone, head = official_model(provenance)
+    registers = config.get("num_register_tokens", 0)
+    if backbone:
+        text = backbone.description
+        if head:
+            text += f" This repository adds DINOv2's {registry.HEADS[head].description}."
+    else:
+        text = (
+            f"A Vision Transformer with {registers} register tokens, patch size {config.get('patch_size')} and width "
+            f"{config.get('hidden_size')}, {_kind_sentence(provenance)}"
+        )
+    if provenance.get("description"):
+        text += f"\n\n{provenance['description']}"
+    return text
+
+
+def _kind_sentence(provenance: dict) -> str:
+    kind = provenance["kind"]
+    if kind == "converted":
+        return f"converted from {SOURCE_FORMATS.get(provenance.get('source_format'), 'another checkpoint format')}."
+    if kind == "trained":
+        return f"trained with ViTReg's {OBJECTIVES.get(provenance.get('objective'), 'training')} recipe."
+    return "with random weights (a test or demo artifact)."
+
+
+def details(config: dict, preprocessor: dict, num_parameters: int | None) -> list[tuple[str, str]]:
+    """Rows of the "Model details" table, read from config.json and preprocessor_config.json."""
+    grid = config.get("image_size", 0) // max(config.get("patch_size", 1), 1)
+    interpolation = (
+        "bicubic, antialiased" if config.get("interpolate_antialias") else "bicubic, DINOv2's +0.1 scale offset"
+    )
+    rows = [
+        ("Model class", f"`{(config.get('architectures') or ['ViTRegModel'])[0]}`"),
+        (
+            "Architecture",
+            f"ViT, {config.get('num_hidden_layers')} blocks, width {config.get('hidden_size')}, "
+            f"{config.get('num_attention_heads')} heads, {'SwiGLU' if config.get('use_swiglu_ffn') else 'GELU'} MLP",
+        ),
+        ("Parameters", f"{num_parameters / 1e6:.2f}M" if num_parameters else "unknown"),
+        ("Register tokens", str(config.get("num_register_tokens", 0))),
+        ("Patch size", f"{config.get('patch_size')} px"),
+        ("Position embeddings", f"{config.get('image_size')} px ({grid}x{grid} patches), interpolated {interpolation}"),
+        ("Pooling", "CLS token" if config.get("pooling", "cls") == "cls" else "mean of the patch tokens"),
+    ]
+    if preprocessor:
+        resize = preprocessor.get("size", {})
+        crop = preprocessor.get("crop_size", {})
+        rows.append(
+            (
+                "Preprocessing",
+                f"resize shortest edge to {resize.get('shortest_edge', '?')} px (bicubic), center crop "
+                f"{crop.get('height', '?')}x{crop.get('width', '?')}, ImageNet mean / std",
+            )
+        )
+    if _is_classifier(config):
+        rows.append(("Classes", str(len(config.get("id2label") or {}) or config.get("num_labels", "?"))))
+    return rows
+
+
+def provenance_lines(provenance: dict) -> list[str]:
+    """Bullet points saying how the folder was produced: source and checksum, converter and parity, or recipe."""
+    kind = provenance["kind"]
+    backbone, head = official_model(provenance)
+    lines = []
+    if kind == "converted":
+        source = SOURCE_FORMATS.get(provenance.get("source_format"), "a checkpoint")
+        lines.append(
+            f"Converted from `{provenance.get('source_file', '?')}` ({source}), "
+            f"sha256 `{provenance.get('source_sha256', 'not recorded')}`."
+        )
+        if backbone:
+            lines.append(
+                f"The source is the official DINOv2 model `{backbone.name}` ({registry.DINOV2_REPO_URL}); "
+                f"the same weights are on the Hub as `{backbone.base_model}`."
+            )
+        if provenance.get("head_file"):
+            head_sha = provenance.get("head_sha256", "not recorded")
+            what = f": {registry.HEADS[head].description}." if head else "."
+            lines.append(f"Linear head from `{provenance['head_file']}`, sha256 `{head_sha}`{what}")
+        lines.append(f"Converter: vitreg {provenance.get('converter_version', 'version not recorded')}.")
+        lines.append(_parity_line(provenance.get("parity")))
+    elif kind == "trained":
+        objective = OBJECTIVES.get(provenance.get("objective"), f"`{provenance.get('objective', '?')}`")
+        lines.append(f"Trained from scratch with ViTReg's {objective}.")
+        lines.append(
+            f"Recipe `{provenance.get('config_file', 'not recorded')}`, {provenance.get('steps', '?')} steps on "
+            f"{provenance.get('num_processes', 1)} process(es), dataset {provenance.get('dataset', 'not recorded')}, "
+            f"{provenance.get('num_register_tokens', '?')} register tokens."
+        )
+        final_loss = provenance.get("final_loss")
+        lines.append("Final loss not recorded." if final_loss is None else f"Final training loss: {final_loss:.4f}.")
+    else:
+        lines.append("Randomly initialised weights: a test or demo artifact that has learned nothing.")
+    if provenance.get("base_model") and not backbone:
+        lines.append(f"Base model: `{provenance['base_model']}`.")
+    lines.append(f"Folder and card written by vitreg {__version__}; the same facts are in `{PROVENANCE_FILE}`.")
+    return lines
+
+
+def _parity_line(parity: dict | None) -> str:
+    if not parity:
+        return "Parity against a reference implementation was not measured for this folder."
+    height, width = parity.get("image_size", ["?", "?"])
+    return (
+        f"Parity measured at conversion: max |difference| = {parity['max_abs_diff']:.2e} between this model's "
+        f"outputs and the {parity.get('reference', 'reference')} implementation's on a {height}x{width} input."
+    )
+
+
+def results(provenance: dict) -> list[dict]:
+    """Rows of the "Results" table: published numbers of official models (none otherwise)."""
+    backbone, _ = official_model(provenance)
+    if not backbone:
+        return []
+    return [
+        {
+            "name": "ImageNet-1k top-1, linear evaluation",
+            "value": f"{backbone.imagenet_linear_top1:.1f} %",
+            "source": f"published in the DINOv2 model table ({registry.DINOV2_REPO_URL}), one number per backbone "
+            "(the table does not say which of the 1-layer and 4-layer heads reaches it); not re-measured by ViTReg",
+        }
+    ]
+
+
+def limitations(config: dict, provenance: dict) -> list[str]:
+    """Bullet points on what the model is not good for."""
+    backbone, head = official_model(provenance)
+    lines = []
+    if provenance["kind"] == "random":
+        lines.append("The weights are random: outputs carry no meaning. Use this folder only to test plumbing.")
+    if provenance["kind"] == "trained":
+        lines.append(
+            "Trained with the budget recorded above; expect far weaker features than the published DINOv2 models, "
+            "which trained on 142M images for hundreds of thousands of steps."
+        )
+    if provenance["kind"] == "converted" and not provenance.get("parity"):
+        lines.append("No numerical parity with the source implementation was measured for this conversion.")
+    if not config.get("num_register_tokens"):
+        lines.append("Without registers, expect high-norm artifact tokens in background patches of large models.")
+    lines.append(
+        f"Position embeddings were trained at {config.get('image_size')} px; other sizes interpolate them, "
+        "which works well for moderate changes but is not what the model was trained on."
+    )
+    if _is_classifier(config):
+        lines.append("The classifier knows only its training classes (ImageNet-1k for DINOv2's heads).")
+    if backbone:
+        lines.append(
+            "DINOv2 learned from LVD-142M, web images curated by similarity to public datasets; the DINOv2 paper "
+            "reports its fairness and bias evaluations. The published numbers above are Meta's, not re-measured here."
+        )
+    return lines
+
+
+def license_notes(provenance: dict) -> list[str]:
+    """Bullet points on the licenses that apply to this folder."""
+    backbone, head = official_model(provenance)
+    lines = [f"Card license field: `{provenance.get('license', 'apache-2.0')}`."]
+    if uses_dinov2(provenance) and provenance["kind"] == "converted":
+        lines.append("DINOv2 code and weights are released by Meta under the Apache License 2.0.")
+    if head or (provenance.get("datasets") and registry.IMAGENET_DATASET in provenance["datasets"]):
+        lines.append("ImageNet-1k, on which the head was trained, is available under its own research terms.")
+    if provenance["kind"] == "trained":
+        lines.append(
+            f"The weights were trained on {provenance.get('dataset', 'the recorded dataset')}: check its license "
+            "before redistributing them."
+        )
+    lines.append("The model code (`configuration_vitreg.py`, `modeling_vitreg.py`) is ViTReg's, Apache License 2.0.")
+    return lines
 
 
 def build_card(folder: str | Path, provenance: dict, repo_id: str | None = None) -> ModelCard:
     """The card of the ViTReg folder `folder` (which holds config.json), given how it was produced."""
-    config = json.loads((Path(folder) / "config.json").read_text())
-    architectures = config.get("architectures") or ["ViTRegModel"]
-    is_classifier = architectures[0].endswith("ForImageClassification")
-    data = ModelCardData(
-        license=provenance.get("license", "apache-2.0"),
-        library_name="transformers",
-        pipeline_tag="image-classification" if is_classifier else "image-feature-extraction",
-        tags=["vitreg", "vision", "registers"] + (["dinov2"] if provenance.get("dinov2") else []),
+    folder = Path(folder)
+    if provenance.get("kind") not in KINDS:
+        raise ValueError(f"provenance['kind'] must be one of {KINDS}, got {provenance.get('kind')!r}")
+    config = read_json(folder / "config.json")
+    if not config:
+        raise ValueError(f"{folder} has no config.json: save the model before writing its card")
+    is_classifier = _is_classifier(config)
+    registers = config.get("num_register_tokens", 0)
+    pooler = "the CLS token" if config.get("pooling", "cls") == "cls" else "the mean of the patch tokens"
+    return ModelCard.from_template(
+        card_data(config, provenance, repo_id),
+        template_path=str(TEMPLATE_PATH),
+        title=title(provenance, repo_id),
+        summary=summary(config, provenance),
+        num_register_tokens=registers,
+        num_prefix_tokens=int(config.get("use_cls_token", True)) + registers,
+        hidden_size=config.get("hidden_size"),
+        patch_size=config.get("patch_size"),
+        num_labels=len(config.get("id2label") or {}) or config.get("num_labels"),
+        details=details(config, read_json(folder / "preprocessor_config.json"), count_parameters(folder)),
+        is_classifier=is_classifier,
+        auto_class="AutoModelForImageClassification" if is_classifier else "AutoModel",
+        pooler_description=f"{pooler} (the image embedding)",
+        repo_id=repo_id or UNPUBLISHED_REPO_ID,
+        on_hub=repo_id is not None,
+        example_image_url=EXAMPLE_IMAGE_URL,
+        provenance_lines=provenance_lines(provenance),
+        results=results(provenance),
+        limitations=limitations(config, provenance),
+        license_notes=license_notes(provenance),
+        citations=[REGISTERS_BIBTEX] + ([DINOV2_BIBTEX] if uses_dinov2(provenance) else []),
     )
-    name = repo_id or provenance.get("name") or Path(folder).name
-    lines = "\n".join(f"- {key}: {value}" for key, value in provenance.items())
-    content = (
-        f"---\n{data.to_yaml()}\n---\n\n# {name}\n\n"
-        f"A ViTReg model: a Vision Transformer with {config.get('num_register_tokens', 0)} register tokens.\n\n"
-        f"## How this folder was produced\n\n{lines}\n"
-    )
-    return ModelCard(content)
 
 
 def write_card(folder: str | Path, provenance: dict, repo_id: str | None = None) -> ModelCard:
-    """Write `README.md` into `folder` and return the card."""
+    """Write `README.md` and `provenance.json` into `folder` and return the card."""
     card = build_card(folder, provenance, repo_id)
     card.save(Path(folder) / "README.md")
+    (Path(folder) / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True, default=str) + "\n")
     return card
+
+
+def read_provenance(folder: str | Path) -> dict:
+    """The provenance `write_card` stored in `folder` ({} when there is none)."""
+    return read_json(Path(folder) / PROVENANCE_FILE)
