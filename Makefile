@@ -1,4 +1,5 @@
-# `make demo` and `make test` do all set-up on a fresh machine: a .venv, torch from the local wheels, the package.
+# `make demo` and `make test` do all set-up on a fresh machine: a .venv, torch from the local wheels, the package,
+# and transformers' own common model tests (from its sdist, for tests/test_transformers_common.py).
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
@@ -16,6 +17,7 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) scripts/fetch_transformers_tests.py
 	touch $(STAMP)
 
 lint: $(STAMP)

@@ -1,0 +1,219 @@
+"""Inference speed of ViTReg against its peers at the same architecture, interleaved in one run.
+
+Peers: transformers' `Dinov2WithRegistersModel` and timm's `vit_small_patch14_reg4_dinov2` (ViT-S/14, 4 registers),
+all holding the same weights (checked: every token agrees), fp32 on the CPU. A fused-qkv vs three-projection
+variant of ViTReg answers "one qkv matmul or three?" by measurement. Achieved GFLOP/s is set against a large
+matmul timed in the same run. Results are ratios: the machine's load cancels out of them.
+
+    python benchmarks/bench_inference.py [--rounds 15] [--image-size 224] [--batch-sizes 1 8] [--json out.json]
+"""
+
+import argparse
+import copy
+import json
+import platform
+import random
+import statistics
+import time
+
+import timm
+import torch
+from torch import nn
+from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+from modeling_vitreg import ViTRegConfig, ViTRegModel
+from modeling_vitreg.modeling_vitreg import ViTRegAttention
+
+SMALL = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, patch_size=14, num_register_tokens=4)
+
+
+def build_vitreg() -> ViTRegModel:
+    """ViT-S/14 with 4 registers, DINOv2's layout and random weights."""
+    config = ViTRegConfig(**SMALL, image_size=518, layerscale_value=1e-5, attn_implementation="sdpa")
+    return ViTRegModel(config).eval()
+
+
+def to_timm(model: ViTRegModel) -> nn.Module:
+    """timm's vit_small_patch14_reg4_dinov2 holding `model`'s weights (timm folds the CLS position into the token)."""
+    peer = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, num_classes=0, dynamic_img_size=True)
+    sd = model.state_dict()
+    pos = sd["embeddings.position_embeddings"]
+    state = {
+        "cls_token": sd["embeddings.cls_token"] + pos[:, :1],
+        "reg_token": sd["embeddings.register_tokens"],
+        "pos_embed": pos[:, 1:],
+        "patch_embed.proj.weight": sd["embeddings.patch_embeddings.projection.weight"],
+        "patch_embed.proj.bias": sd["embeddings.patch_embeddings.projection.bias"],
+        "norm.weight": sd["layernorm.weight"],
+        "norm.bias": sd["layernorm.bias"],
+    }
+    names = {"norm1": "norm1", "attn.qkv": "attention.qkv", "attn.proj": "attention.proj", "norm2": "norm2",
+             "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}  # fmt: skip
+    for i in range(model.config.num_hidden_layers):
+        for theirs, ours in names.items():
+            for kind in ("weight", "bias"):
+                state[f"blocks.{i}.{theirs}.{kind}"] = sd[f"encoder.layer.{i}.{ours}.{kind}"]
+        state[f"blocks.{i}.ls1.gamma"] = sd[f"encoder.layer.{i}.layer_scale1.lambda1"]
+        state[f"blocks.{i}.ls2.gamma"] = sd[f"encoder.layer.{i}.layer_scale2.lambda1"]
+    peer.load_state_dict(state, strict=True)
+    return peer.eval()
+
+
+def to_transformers(model: ViTRegModel) -> Dinov2WithRegistersModel:
+    """transformers' Dinov2WithRegistersModel holding `model`'s weights (three q/k/v projections)."""
+    config = Dinov2WithRegistersConfig(
+        hidden_size=384, num_hidden_layers=12, num_attention_heads=6, patch_size=14, image_size=518,
+        num_register_tokens=4, layerscale_value=1e-5, attn_implementation="sdpa",
+    )  # fmt: skip
+    peer = Dinov2WithRegistersModel(config).eval()
+    sd = model.state_dict()
+    dim = model.config.hidden_size
+    with torch.no_grad():
+        emb = peer.embeddings
+        emb.cls_token.copy_(sd["embeddings.cls_token"])
+        emb.register_tokens.copy_(sd["embeddings.register_tokens"])
+        emb.mask_token.copy_(sd["embeddings.mask_token"])
+        emb.position_embeddings.copy_(sd["embeddings.position_embeddings"])
+        emb.patch_embeddings.projection.load_state_dict(model.embeddings.patch_embeddings.projection.state_dict())
+        for ours, theirs in zip(model.encoder.layer, peer.encoder.layer):
+            theirs.norm1.load_state_dict(ours.norm1.state_dict())
+            theirs.norm2.load_state_dict(ours.norm2.state_dict())
+            for index, proj in enumerate((theirs.attention.q_proj, theirs.attention.k_proj, theirs.attention.v_proj)):
+                proj.weight.copy_(ours.attention.qkv.weight[index * dim : (index + 1) * dim])
+                proj.bias.copy_(ours.attention.qkv.bias[index * dim : (index + 1) * dim])
+            theirs.attention.o_proj.load_state_dict(ours.attention.proj.state_dict())
+            theirs.layer_scale1.lambda1.copy_(ours.layer_scale1.lambda1)
+            theirs.layer_scale2.lambda1.copy_(ours.layer_scale2.lambda1)
+            theirs.mlp.fc1.load_state_dict(ours.mlp.fc1.state_dict())
+            theirs.mlp.fc2.load_state_dict(ours.mlp.fc2.state_dict())
+        peer.layernorm.load_state_dict(model.layernorm.state_dict())
+    return peer
+
+
+class SplitQKVAttention(ViTRegAttention):
+    """ViTRegAttention with three q/k/v projections instead of one fused matmul: the alternative being measured."""
+
+    def __init__(self, fused: ViTRegAttention):
+        super().__init__(fused.config)
+        dim = fused.config.hidden_size
+        self.q, self.k, self.v = (nn.Linear(dim, dim) for _ in range(3))
+        with torch.no_grad():
+            for index, proj in enumerate((self.q, self.k, self.v)):
+                proj.weight.copy_(fused.qkv.weight[index * dim : (index + 1) * dim])
+                proj.bias.copy_(fused.qkv.bias[index * dim : (index + 1) * dim])
+        self.proj = fused.proj
+        del self.qkv
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs):
+        batch, seq, dim = hidden_states.shape
+        heads = [p(hidden_states).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
+                 for p in (self.q, self.k, self.v)]  # fmt: skip
+        out = torch.nn.functional.scaled_dot_product_attention(*heads)  # [B, H, N, d]
+        return self.proj(out.transpose(1, 2).reshape(batch, seq, dim)), None
+
+
+def split_qkv(model: ViTRegModel) -> ViTRegModel:
+    """A copy of `model` whose blocks use SplitQKVAttention."""
+    split = copy.deepcopy(model)
+    for layer in split.encoder.layer:
+        layer.attention = SplitQKVAttention(layer.attention)
+    return split.eval()
+
+
+def forward_flops(config: ViTRegConfig, height: int, width: int) -> float:
+    """Multiply-adds x 2 of one image's forward pass (matmuls and convolution; norms and softmax ignored)."""
+    d, p = config.hidden_size, config.patch_size
+    patches = (height // p) * (width // p)
+    n = patches + config.num_prefix_tokens
+    per_layer = 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d + 2 * 2 * n * d * config.mlp_hidden_size
+    return 2 * patches * d * config.num_channels * p * p + config.num_hidden_layers * per_layer
+
+
+def time_call(fn, repeats: int) -> float:
+    """Seconds per call, the best of a short burst (after one warm-up call)."""
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """Achieved GFLOP/s of a large fp32 matmul: the machine's practical peak, measured in the same run."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    seconds = time_call(lambda: a @ b, repeats)
+    return 2 * size**3 / seconds / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds per batch size")
+    parser.add_argument("--repeats", type=int, default=3, help="forward passes per timing")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    random.seed(0)
+
+    vitreg = build_vitreg()
+    peers = {
+        "vitreg": vitreg,
+        "vitreg (3 qkv matmuls)": split_qkv(vitreg),
+        "transformers Dinov2WithRegisters": to_transformers(vitreg),
+        "timm vit_small_patch14_reg4_dinov2": to_timm(vitreg),
+    }
+    outputs = {
+        "vitreg": lambda m, x: m(x).last_hidden_state,
+        "vitreg (3 qkv matmuls)": lambda m, x: m(x).last_hidden_state,
+        "transformers Dinov2WithRegisters": lambda m, x: m(pixel_values=x).last_hidden_state,
+        "timm vit_small_patch14_reg4_dinov2": lambda m, x: m.forward_features(x),
+    }
+    size = args.image_size
+    check = torch.randn(2, 3, size, size)
+    with torch.inference_mode():
+        reference = outputs["vitreg"](vitreg, check)
+        for name, model in peers.items():
+            diff = (outputs[name](model, check) - reference).abs().max().item()
+            print(f"same weights, every token: max |{name} - vitreg| = {diff:.2e}")
+            if diff > 1e-4:
+                raise SystemExit(f"{name} does not compute the same function (diff {diff:.2e}): benchmark invalid")
+
+    results = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "runs": []}
+    for batch in args.batch_sizes:
+        x = torch.randn(batch, 3, size, size)
+        times = {name: [] for name in peers}
+        matmul = []
+        with torch.inference_mode():
+            for _ in range(args.rounds):
+                order = list(peers)
+                random.shuffle(order)  # interleaved, in a new order each round
+                for name in order:
+                    times[name].append(time_call(lambda n=name: outputs[n](peers[n], x), args.repeats))
+                matmul.append(matmul_gflops())
+        peak = statistics.median(matmul)
+        flops = forward_flops(vitreg.config, size, size) * batch
+        base = statistics.median(times["vitreg"])
+        for name in peers:
+            seconds = statistics.median(times[name])
+            results["runs"].append({
+                "batch": batch, "model": name, "ms": seconds * 1e3, "ratio_to_vitreg": seconds / base,
+                "images_per_s": batch / seconds, "gflops": flops / seconds / 1e9,
+                "fraction_of_matmul": flops / seconds / 1e9 / peak, "matmul_gflops": peak,
+            })  # fmt: skip
+
+    print(f"\nViT-S/14 reg4, {size}x{size}, fp32, CPU ({results['threads']} threads), median of {args.rounds} "
+          "interleaved rounds\n")  # fmt: skip
+    print("| batch | model | ms / batch | time vs vitreg | images/s | GFLOP/s | of matmul peak |")
+    print("|---|---|---|---|---|---|---|")
+    for run in results["runs"]:
+        print(f"| {run['batch']} | {run['model']} | {run['ms']:.1f} | {run['ratio_to_vitreg']:.3f} | "
+              f"{run['images_per_s']:.1f} | {run['gflops']:.1f} | {run['fraction_of_matmul']:.0%} |")  # fmt: skip
+    print(f"\nlarge fp32 matmul (2048^3) in the same run: {results['runs'][0]['matmul_gflops']:.1f} GFLOP/s")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
