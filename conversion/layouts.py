@@ -247,6 +247,8 @@ def convert_vit(state_dict: dict[str, torch.Tensor], source_format: str, num_hea
             for key, value in converted.items()
         }
     notes = []
+    if "classifier.weight" in converted and fc_norm:
+        config.num_labels = converted["classifier.weight"].shape[0]  # timm's head on the fc-normed mean patch token
     if "classifier.weight" in converted and not fc_norm:
         # timm's token-pooled head reads the CLS token alone; ViTReg's linear head reads CLS + mean patch.
         converted.pop("classifier.weight")
