@@ -84,16 +84,22 @@ class FakeHub:
 
 
 @pytest.fixture
-def fake_hub(monkeypatch):
+def fake_hub():
     """huggingface_hub's own client (HfApi, get_session) talking to FakeHub instead of the network."""
     hub = FakeHub()
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     hub_http.set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(hub.handle)))
     yield hub
     hub_http.set_client_factory(hub_http.default_client_factory)
 
 
+@pytest.fixture
+def online(monkeypatch):
+    """Lift HF_HUB_OFFLINE (set for every test by conftest) where the Hub is the fake one."""
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
 def test_dry_run_lists_every_file_and_changes_nothing(folder, no_token, fake_hub, capsys):
+    """Offline (conftest sets HF_HUB_OFFLINE=1), without a token, and without a single request."""
     before = {path.name: path.read_bytes() for path in folder.iterdir()}
     assert vitreg_main(["publish", str(folder), "--repo-id", "vitreg-test/tiny-reg4", "--dry-run"]) == 0
     out = capsys.readouterr().out
@@ -133,14 +139,14 @@ def test_offline_refusal_is_one_line_without_traceback(folder, tmp_path):
     ]
 
 
-def test_no_token_refusal(folder, no_token, fake_hub, capsys):
+def test_no_token_refusal(folder, no_token, fake_hub, online, capsys):
     assert vitreg_main(["publish", str(folder), "--repo-id", "vitreg-test/tiny-reg4"]) == 1
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "no Hugging Face token" in line
     assert fake_hub.requests == []
 
 
-def test_upload_through_the_real_client(folder, fake_hub, monkeypatch, capsys):
+def test_upload_through_the_real_client(folder, fake_hub, online, monkeypatch, capsys):
     validated = []
     monkeypatch.setattr(publish, "check_loads", validated.extend)  # the remote-code load is tested above
     args = ["publish", str(folder), "--repo-id", "vitreg-test/tiny-reg4", "--private", "--token", "hf_test_token"]
@@ -167,7 +173,7 @@ def test_upload_through_the_real_client(folder, fake_hub, monkeypatch, capsys):
     assert f"commit: https://huggingface.co/vitreg-test/tiny-reg4/commit/{'ab' * 20}" in capsys.readouterr().out
 
 
-def test_upload_to_a_branch(folder, fake_hub):
+def test_upload_to_a_branch(folder, fake_hub, online):
     result = publish.publish_folder(folder, "vitreg-test/tiny-reg4", revision="v1", token="hf_x", validate=False)
     assert fake_hub.paths() == [
         "POST /api/repos/create",
@@ -180,7 +186,7 @@ def test_upload_to_a_branch(folder, fake_hub):
     assert result.commit_url == f"https://huggingface.co/vitreg-test/tiny-reg4/commit/{'ab' * 20}"
 
 
-def test_hub_errors_become_one_line(folder, fake_hub):
+def test_hub_errors_become_one_line(folder, fake_hub, online):
     fake_hub.handle = lambda request: httpx2.Response(403, json={"error": "You don't have the rights"})
     with pytest.raises(UserError, match="^publishing .* to vitreg-test/tiny-reg4 failed: .*403") as error:
         publish.publish_folder(folder, "vitreg-test/tiny-reg4", token="hf_x", validate=False)
