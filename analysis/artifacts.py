@@ -12,7 +12,7 @@ from transformers import BaseImageProcessor, PreTrainedModel
 from vitreg.errors import UserError
 
 from .hooks import capture_last_qkv, cls_attention
-from .loading import as_named_images, preprocess, unnormalize
+from .loading import check_image_size, named_images, preprocess, unnormalize
 from .threshold import auto_threshold
 
 
@@ -147,13 +147,12 @@ def analyze(
     progress: bool = True,
 ) -> ModelAnalysis:
     """Analyse `model` on `images` (paths or PIL images): norms, outliers (automatic or fixed threshold), attention."""
-    named = as_named_images(images)
-    if not named:
+    if image_size is not None:
+        check_image_size(image_size, model.config.patch_size)
+    if not images:
         raise UserError("no images to analyse")
-    results = [
-        analyze_image(model, processor, image, image_name, image_size)
-        for image_name, image in tqdm(named, desc="analysing", unit="image", disable=not progress)
-    ]
+    named = tqdm(named_images(images), total=len(images), desc="analysing", unit="image", disable=not progress)
+    results = [analyze_image(model, processor, image, image_name, image_size) for image_name, image in named]
     pooled = np.concatenate([a.norms.ravel() for a in results])
     cut = auto_threshold(pooled) if threshold is None else float(threshold)
     mark_outliers(results, cut)

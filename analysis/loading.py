@@ -1,6 +1,6 @@
 """Inputs of an analysis: a ViTReg model with its image processor, and the images, refused clearly when unusable."""
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -62,15 +62,29 @@ def open_image(path: str | Path) -> Image.Image:
         raise UserError(f"{path} is not a readable image ({type(error).__name__})") from None
 
 
-def as_named_images(images: Sequence[str | Path | Image.Image]) -> list[tuple[str, Image.Image]]:
-    """`(name, RGB image)` pairs from paths (named by the path) or PIL images (named `image_<i>`)."""
-    named = []
+def check_images(paths: Iterable[str | Path]) -> None:
+    """Refuse, before any model loads, a file that is not an image (reads only the headers)."""
+    for path in paths:
+        try:
+            with Image.open(path):
+                pass
+        except (UnidentifiedImageError, OSError) as error:
+            raise UserError(f"{path} is not a readable image ({type(error).__name__})") from None
+
+
+def named_images(images: Sequence[str | Path | Image.Image]) -> Iterator[tuple[str, Image.Image]]:
+    """`(name, RGB image)` pairs, opened one at a time: paths are named by the path, PIL images `image_<i>`."""
     for index, image in enumerate(images):
         if isinstance(image, Image.Image):
-            named.append((f"image_{index}", image.convert("RGB")))
+            yield f"image_{index}", image.convert("RGB")
         else:
-            named.append((str(image), open_image(image)))
-    return named
+            yield str(image), open_image(image)
+
+
+def check_image_size(image_size: int, patch_size: int) -> None:
+    """Refuse an `--image-size` that does not tile into whole patches."""
+    if image_size <= 0 or image_size % patch_size:
+        raise UserError(f"--image-size {image_size} is not a positive multiple of the patch size {patch_size}")
 
 
 def preprocess(
@@ -78,8 +92,7 @@ def preprocess(
 ) -> torch.Tensor:
     """`[1, 3, H, W]`: the model's own preprocessing, or the short side resized to `image_size` and cropped square."""
     if image_size is not None:
-        if image_size <= 0 or image_size % patch_size:
-            raise UserError(f"--image-size {image_size} is not a positive multiple of the patch size {patch_size}")
+        check_image_size(image_size, patch_size)
         size = {"size": {"shortest_edge": image_size}, "crop_size": {"height": image_size, "width": image_size}}
     else:
         size = {}

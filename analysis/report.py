@@ -14,8 +14,8 @@ from vitreg.hub import atomic_output_dir
 
 from .artifacts import ImageAnalysis, ModelAnalysis, analyze
 from .figures import histogram_figure, image_figure, layer_figure, lost_figure
-from .loading import collect_images, load_model
-from .lost import LOST_PATCHES, corloc
+from .loading import check_images, collect_images, load_model
+from .lost import LOST_PATCHES, corloc, read_voc
 
 ModelSource = str | Path | tuple[PreTrainedModel, BaseImageProcessor]
 
@@ -220,6 +220,9 @@ def run_analysis(
         expanded.extend([item] if isinstance(item, Image.Image) else collect_images([item]))
     if not expanded and lost_root is None:
         raise UserError("nothing to analyse: give images or a VOC folder for LOST")
+    check_images([item for item in expanded if not isinstance(item, Image.Image)])
+    if lost_root is not None:
+        read_voc(lost_root, lost_split)  # a bad VOC folder fails before any model loads
     sources = [model] + ([compare] if compare is not None else [])
     loaded = [_load(source) for source in sources]
     analyses = []

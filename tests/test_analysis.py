@@ -1,0 +1,208 @@
+"""Artifact analysis on a model whose weights plant high-norm tokens at known patches: detection, report, CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+from PIL import Image
+
+from analysis import analyze, load_model, run_analysis
+from analysis.hooks import capture_last_qkv, cls_attention
+from modeling_vitreg import ViTRegModel
+from vitreg.cli import main
+from vitreg.errors import UserError
+from vitreg.hub import image_processor, save_model_folder
+
+DETECT, ARTIFACT = 0, 1  # channels: "this patch is magenta", and the one the artifact is written into
+SIZE, PATCH = 518, 14  # the paper's 37x37 grid
+MAGENTA = (255, 0, 255)
+
+
+def planted_model(num_register_tokens: int = 0, plant: bool = True) -> ViTRegModel:
+    """A 3-block model whose middle MLP writes a huge ARTIFACT channel into magenta patches (only those).
+
+    Block 2's MLP has one neuron reading the DETECT channel of the patch embedding (mean of R - 2G + B, > 0 only for
+    magenta) and writing 10 into ARTIFACT, which nothing else touches; the final LayerNorm weighs ARTIFACT 20x,
+    so those tokens leave with ~15x the norm of the others, as DINOv2's artifacts do. `plant=False`: never fires.
+    """
+    torch.manual_seed(0)
+    config = tiny_config(
+        num_hidden_layers=3, num_attention_heads=2, image_size=SIZE, num_register_tokens=num_register_tokens
+    )
+    model = ViTRegModel(config).eval()
+    with torch.no_grad():
+        projection = model.embeddings.patch_embeddings.projection
+        projection.weight.normal_(0, 0.05)
+        colour = torch.tensor([1.0, -2.0, 1.0]).view(3, 1, 1).expand(3, PATCH, PATCH)
+        projection.weight[DETECT] = 3 * colour / PATCH**2
+        projection.bias[DETECT] = -18.0  # magenta gives 3 * 9.0 - 18 > 0; natural colours stay below 0
+        projection.weight[ARTIFACT] = 0
+        model.embeddings.position_embeddings[..., ARTIFACT] = 0
+        for layer in model.encoder.layer:
+            for linear in (layer.attention.proj, layer.mlp.fc2):
+                linear.weight[ARTIFACT] = 0
+                linear.bias[ARTIFACT] = 0
+        mlp = model.encoder.layer[1].mlp
+        mlp.fc1.weight[0] = 0
+        mlp.fc1.weight[0, DETECT] = 4.0
+        mlp.fc1.bias[0] = -4.0 if plant else -1e4
+        mlp.fc2.weight[:, 0] = 0
+        mlp.fc2.weight[ARTIFACT, 0] = 10.0
+        model.layernorm.weight.uniform_(0.5, 1.5)
+        model.layernorm.weight[ARTIFACT] = 20.0
+    return model
+
+
+def planted_photo(photo: Image.Image, positions: set) -> Image.Image:
+    """`photo` at 518x518 with the patches at `positions` (row, col) painted magenta."""
+    pixels = np.asarray(photo.convert("RGB").resize((SIZE, SIZE), Image.BICUBIC)).copy()
+    for row, col in positions:
+        pixels[row * PATCH : (row + 1) * PATCH, col * PATCH : (col + 1) * PATCH] = MAGENTA
+    return Image.fromarray(pixels)
+
+
+@pytest.fixture(scope="module")
+def planted(photos):
+    """Four real photos with 8..40 magenta patches each, and where they are."""
+    rng = np.random.default_rng(0)
+    positions = [{tuple(p) for p in rng.integers(0, SIZE // PATCH, size=(count, 2))} for count in (8, 20, 30, 40)]
+    return [planted_photo(photo, pos) for photo, pos in zip(photos, positions)], positions
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, planted):
+    """Saved ViTReg folders: the planted model without registers, a clean one with 4, and two planted photos."""
+    root = tmp_path_factory.mktemp("analysis")
+    save_model_folder(planted_model(0), root / "artifacts", {"kind": "random", "name": "planted artifacts"})
+    save_model_folder(planted_model(4, plant=False), root / "registers", {"kind": "random", "name": "clean"})
+    images = root / "images"
+    images.mkdir()
+    for index, image in enumerate(planted[0][:2]):
+        image.save(images / f"photo_{index}.png")
+    return root
+
+
+def test_detector_finds_planted_artifacts_at_518(planted):
+    images, positions = planted
+    result = analyze(planted_model(0), image_processor(), images, image_size=SIZE, progress=False)
+    assert result.threshold_rule == "auto"
+    found = set()
+    truth = set()
+    for index, (analysis, expected) in enumerate(zip(result.images, positions)):
+        assert analysis.grid == (37, 37)
+        found |= {(index, r, c) for r, c in analysis.outliers}
+        truth |= {(index, r, c) for r, c in expected}
+    hits = len(found & truth)
+    assert hits / len(found) >= 0.9 and hits / len(truth) >= 0.9, (hits, len(found), len(truth))
+    # The outliers are ~10x the others (as in the paper), and appear after the middle block, not before.
+    outlier_norms = np.concatenate([a.norms[a.outlier_mask] for a in result.images])
+    normal_norms = np.concatenate([a.norms[~a.outlier_mask] for a in result.images])
+    assert outlier_norms.min() > 5 * np.median(normal_norms)
+    assert result.layer_outlier_fractions()[:2] == [0.0, 0.0]
+    assert result.layer_outlier_fractions()[2] == pytest.approx(len(truth) / (4 * 37 * 37))
+
+
+def test_clean_model_has_no_outliers(planted):
+    images, _ = planted
+    result = analyze(planted_model(4, plant=False), image_processor(), images, image_size=SIZE, progress=False)
+    assert sum(len(a.outliers) for a in result.images) == 0
+    assert all(a.register_norms.shape == (4,) for a in result.images)
+
+
+def test_fixed_threshold_and_model_preprocessing(planted):
+    images, _ = planted
+    result = analyze(planted_model(0), image_processor(), images[:1], threshold=1e9, progress=False)
+    assert result.threshold_rule == "fixed" and result.images[0].outliers == []
+    assert result.images[0].grid == (16, 16)  # the model's own 256 -> 224 crop
+
+
+def test_cls_attention_matches_the_models_eager_attention():
+    model = ViTRegModel(tiny_config(num_register_tokens=3)).eval()
+    pixels = torch.randn(1, 3, 42, 56)
+    with capture_last_qkv(model) as captured, torch.no_grad():
+        outputs = model(pixels, output_attentions=True)
+    expected = outputs.attentions[-1][:, :, 0]  # [1, heads, P + hw]
+    torch.testing.assert_close(cls_attention(captured["qkv"], model.config.num_attention_heads), expected)
+
+
+def test_attention_masses_add_up(planted):
+    images, _ = planted
+    result = analyze(planted_model(4, plant=False), image_processor(), images[:1], image_size=SIZE, progress=False)
+    analysis = result.images[0]
+    assert analysis.cls_attention.shape == (2, 37, 37)
+    total = analysis.cls_attention.sum(axis=(1, 2)) + analysis.attention_on_registers
+    assert np.all(total < 1.0) and np.all(total > 0.9)  # the rest is CLS attending to itself
+
+
+def test_report_schema_figures_and_compare(folders, tmp_path):
+    out = tmp_path / "report"
+    report = run_analysis(
+        folders / "artifacts", [folders / "images"], out, image_size=SIZE, compare=folders / "registers", progress=False
+    )
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    assert on_disk["model"] == str(folders / "artifacts")
+    assert len(on_disk["images"]) == 2
+    for record in on_disk["images"]:
+        keys = ("image", "grid", "norms", "threshold", "outliers", "outlier_fraction", "cls_norm", "register_norms")
+        assert all(key in record for key in keys)
+        h, w = record["grid"]
+        assert (h, w) == (37, 37) and np.asarray(record["norms"]).shape == (h, w)
+        assert record["outlier_fraction"] == len(record["outliers"]) / (h * w)
+        assert all(record["norms"][r][c] > record["threshold"] for r, c in record["outliers"])
+        assert record["register_norms"] == []
+    summary, other = on_disk["summary"], on_disk["compare"]["summary"]
+    assert summary["outlier_fraction"] > 0.01 and summary["emergence_layer"] == 2
+    assert other["outlier_fraction"] == 0.0 and other["emergence_layer"] is None
+    assert len(on_disk["compare"]["images"][0]["register_norms"]) == 4
+    assert len(summary["layers"]) == 4
+    for name in on_disk["figures"]:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(on_disk["figures"]) == 2 + 2  # one per image, the histogram, the per-layer curves
+    page = (out / "index.html").read_text()
+    assert all(name in page for name in on_disk["figures"])
+    assert str(folders / "registers") in page
+
+
+def test_cli_analyze(folders, tmp_path, capsys):
+    out = tmp_path / "cli"
+    images = [str(folders / "images" / "photo_0.png"), str(folders / "images" / "photo_1.png")]
+    assert main(["analyze", str(folders / "artifacts"), *images, "--out", str(out), "--image-size", "518"]) == 0
+    printed = capsys.readouterr().out
+    assert "report.json" in printed and "high-norm patch tokens" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert [r["image"] for r in report["images"]] == images
+    # An existing report is kept unless --overwrite.
+    assert main(["analyze", str(folders / "artifacts"), images[0], "--out", str(out)]) == 1
+    assert "not empty" in capsys.readouterr().err
+    args = ["analyze", str(folders / "artifacts"), images[0], "--out", str(out), "--overwrite", "--threshold", "1e9"]
+    assert main(args) == 0
+    assert json.loads((out / "report.json").read_text())["images"][0]["outliers"] == []
+
+
+def test_bad_inputs_are_one_line_errors(folders, tmp_path, capsys):
+    model = str(folders / "artifacts")
+    not_image = tmp_path / "notes.jpg"
+    not_image.write_text("not an image")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = {
+        "does not exist": [model, str(tmp_path / "missing.png")],
+        "is not a readable image": [model, str(not_image)],
+        "holds no images": [model, str(empty)],
+        "is not a model folder": [str(empty), str(folders / "images")],
+        "not a positive multiple of the patch size": [model, str(folders / "images"), "--image-size", "500"],
+        "give at least one image": [model],
+    }
+    for message, argv in cases.items():
+        assert main(["analyze", *argv, "--out", str(tmp_path / "out")]) == 1, message
+        error = capsys.readouterr().err.strip().splitlines()[-1]  # after any progress bar of the model loading
+        assert error.startswith("vitreg analyze: error: ") and message in error, error
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(UserError, match="not a ViTReg model"):
+        config_only = tmp_path / "bert"
+        config_only.mkdir()
+        (config_only / "config.json").write_text(json.dumps({"model_type": "bert"}))
+        load_model(config_only)
