@@ -92,7 +92,8 @@ def official_model(provenance: dict) -> tuple[registry.OfficialBackbone | None, 
 def uses_dinov2(provenance: dict) -> bool:
     """Whether the weights are DINOv2's or come from the DINOv2 recipe (tag and citation apply)."""
     return bool(
-        provenance.get("official_name")
+        provenance.get("dinov2")  # set by converters that know the weights are DINOv2's
+        or provenance.get("official_name")
         or str(provenance.get("source_format", "")).startswith("dinov2")
         or provenance.get("objective") == "dinov2"
     )
@@ -169,7 +170,7 @@ def _kind_sentence(provenance: dict) -> str:
     if kind == "converted":
         return f"converted from {SOURCE_FORMATS.get(provenance.get('source_format'), 'another checkpoint format')}."
     if kind == "trained":
-        return f"trained with ViTReg's {OBJECTIVES.get(provenance.get('objective'), 'training')} recipe."
+        return f"trained with ViTReg's {OBJECTIVES.get(provenance.get('objective'), 'training recipe')}."
     return "with random weights (a test or demo artifact)."
 
 
@@ -234,8 +235,7 @@ def provenance_lines(provenance: dict) -> list[str]:
         lines.append(f"Trained from scratch with ViTReg's {objective}.")
         lines.append(
             f"Recipe `{provenance.get('config_file', 'not recorded')}`, {provenance.get('steps', '?')} steps on "
-            f"{provenance.get('num_processes', 1)} process(es), dataset {provenance.get('dataset', 'not recorded')}, "
-            f"{provenance.get('num_register_tokens', '?')} register tokens."
+            f"{provenance.get('num_processes', 1)} process(es), dataset `{provenance.get('dataset', 'not recorded')}`."
         )
         final_loss = provenance.get("final_loss")
         lines.append("Final loss not recorded." if final_loss is None else f"Final training loss: {final_loss:.4f}.")
@@ -280,8 +280,8 @@ def limitations(config: dict, provenance: dict) -> list[str]:
         lines.append("The weights are random: outputs carry no meaning. Use this folder only to test plumbing.")
     if provenance["kind"] == "trained":
         lines.append(
-            "Trained with the budget recorded above; expect far weaker features than the published DINOv2 models, "
-            "which trained on 142M images for hundreds of thousands of steps."
+            "Trained with the budget recorded above; expect far weaker features than published backbones such as "
+            "DINOv2's, trained on 142M images for hundreds of thousands of steps."
         )
     if provenance["kind"] == "converted" and not provenance.get("parity"):
         lines.append("No numerical parity with the source implementation was measured for this conversion.")
@@ -292,7 +292,8 @@ def limitations(config: dict, provenance: dict) -> list[str]:
         "which works well for moderate changes but is not what the model was trained on."
     )
     if _is_classifier(config):
-        lines.append("The classifier knows only its training classes (ImageNet-1k for DINOv2's heads).")
+        classes = "ImageNet-1k's 1000 classes" if head else f"its {len(config.get('id2label') or {})} training classes"
+        lines.append(f"The classifier knows only {classes}.")
     if backbone:
         lines.append(
             "DINOv2 learned from LVD-142M, web images curated by similarity to public datasets; the DINOv2 paper "
