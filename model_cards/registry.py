@@ -49,8 +49,8 @@ class OfficialBackbone:
         return self.name.replace("_", "-")
 
     def head_repo_name(self, kind: str) -> str:
-        """Hub repository name of the backbone converted with the linear head `kind`."""
-        return f"{self.repo_name}-{HEADS[kind].kind}-in1k"
+        """Hub repository name of the backbone converted with the linear head `kind` (also its batch folder name)."""
+        return f"{self.repo_name}-{HEADS[kind].kind}"
 
     @property
     def arch(self) -> str:

@@ -95,7 +95,7 @@ def test_classifier_card_with_official_head(tmp_path):
     assert card.data.pipeline_tag == "image-classification"
     assert card.data.datasets == ["ILSVRC/imagenet-1k"]
     assert card.data.eval_results[0].metric_value == 84.4
-    assert card.data.model_name == "dinov2-vitb14-reg4-linear4-in1k"
+    assert card.data.model_name == "dinov2-vitb14-reg4-linear4"
     assert "`dinov2_vitb14_reg4_linear4_head.pth`" in card.text and "7" * 64 in card.text
     assert "CLS tokens of the last 4 blocks" in card.text
     assert "AutoModelForImageClassification.from_pretrained(repo_id, trust_remote_code=True)" in card.text
@@ -151,6 +151,23 @@ def test_every_official_backbone_gets_its_registry_facts(tmp_path, name):
     assert card.data.eval_results[0].metric_value == backbone.imagenet_linear_top1
     assert card.text.lstrip().startswith(f"# {backbone.repo_name}")
     assert ("no register tokens" in card.text) != registers
+
+
+def test_registry_agrees_with_the_converters_table():
+    from conversion.architectures import HEAD_KINDS, OFFICIAL_ARCHITECTURES
+
+    assert set(OFFICIAL_ARCHITECTURES) == set(registry.OFFICIAL_BACKBONES)
+    assert HEAD_KINDS == {kind: head.num_layers for kind, head in registry.HEADS.items()}
+    for name, arch in OFFICIAL_ARCHITECTURES.items():
+        row = registry.OFFICIAL_BACKBONES[name]
+        assert (arch.hidden_size, arch.num_hidden_layers, arch.num_attention_heads, arch.num_register_tokens) == (
+            row.hidden_size,
+            row.num_hidden_layers,
+            row.num_attention_heads,
+            row.num_register_tokens,
+        )
+        assert arch.use_swiglu_ffn == (row.ffn == "swiglu")
+        assert (arch.folder_name, arch.file_name) == (row.repo_name, row.pretrain_file)  # batch folder = repo name
 
 
 def test_registry_imports_without_torch():
