@@ -1,0 +1,77 @@
+"""Checkpoints under `OUTPUT_DIR/checkpoints/step_XXXXXXXX`: accelerate's `save_state` (student, optimizer, RNG of
+every process) plus the objective's state (EMA teacher, loss centers) in safetensors and the step (data position).
+
+A checkpoint is written to a hidden temporary folder and renamed when complete, so a run killed while saving
+leaves the previous checkpoints intact and `latest` never points at half a checkpoint.
+"""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vitreg.errors import UserError
+
+PATTERN = re.compile(r"^step_(\d{8})$")
+OBJECTIVE_FILE = "objective.safetensors"
+STATE_FILE = "trainer_state.json"
+
+
+def checkpoints_dir(output_dir: Path) -> Path:
+    """Where a run keeps its checkpoints."""
+    return Path(output_dir) / "checkpoints"
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    folder = checkpoints_dir(output_dir)
+    if not folder.is_dir():
+        return []
+    found = [path for path in folder.iterdir() if PATTERN.match(path.name) and (path / STATE_FILE).is_file()]
+    return sorted(found, key=lambda path: path.name)
+
+
+def find_checkpoint(output_dir: Path, resume: str) -> Path | None:
+    """`latest` -> the newest complete checkpoint (None when there is none yet); otherwise the given folder."""
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise UserError(f"--resume_from_checkpoint {resume} is not a checkpoint folder (no {STATE_FILE})")
+    return path
+
+
+def save_checkpoint(accelerator: Accelerator, objective: nn.Module, output_dir: Path, step: int, keep: int) -> Path:
+    """Save the full training state after `step` optimizer steps, keeping the newest `keep` checkpoints."""
+    folder = checkpoints_dir(output_dir)
+    final, staging = folder / f"step_{step:08d}", folder / f".tmp-step_{step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    if accelerator.is_main_process:
+        state = {name: tensor.detach().cpu().contiguous() for name, tensor in objective.state_dict().items()}
+        if state:
+            save_file(state, staging / OBJECTIVE_FILE)
+        (staging / STATE_FILE).write_text(json.dumps({"step": step}))
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+        for old in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Accelerator, objective: nn.Module, path: Path) -> int:
+    """Restore the training state saved in `path`; returns the number of steps already done."""
+    accelerator.load_state(str(path))
+    if (path / OBJECTIVE_FILE).is_file():
+        state = load_file(path / OBJECTIVE_FILE, device=str(accelerator.device))
+        objective.load_state_dict(state)
+    return int(json.loads((path / STATE_FILE).read_text())["step"])
