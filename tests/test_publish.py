@@ -186,9 +186,18 @@ def test_upload_to_a_branch(folder, fake_hub, online):
     assert result.commit_url == f"https://huggingface.co/vitreg-test/tiny-reg4/commit/{'ab' * 20}"
 
 
-def test_hub_errors_become_one_line(folder, fake_hub, online):
-    fake_hub.handle = lambda request: httpx2.Response(403, json={"error": "You don't have the rights"})
-    with pytest.raises(UserError, match="^publishing .* to vitreg-test/tiny-reg4 failed: .*403") as error:
+def refuse(request: httpx2.Request) -> httpx2.Response:
+    return httpx2.Response(403, json={"error": "You don't have the rights"})
+
+
+def unreachable(request: httpx2.Request) -> httpx2.Response:
+    raise httpx2.ConnectError("[Errno -3] Temporary failure in name resolution", request=request)
+
+
+@pytest.mark.parametrize("answer, reason", [(refuse, "403"), (unreachable, "name resolution")])
+def test_hub_errors_become_one_line(folder, fake_hub, online, answer, reason):
+    fake_hub.handle = answer
+    with pytest.raises(UserError, match=f"^publishing .* to vitreg-test/tiny-reg4 failed: .*{reason}") as error:
         publish.publish_folder(folder, "vitreg-test/tiny-reg4", token="hf_x", validate=False)
     assert "\n" not in str(error.value)
 
