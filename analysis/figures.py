@@ -15,7 +15,7 @@ from .loading import open_image  # noqa: E402
 
 
 def _save(fig, folder: Path, name: str) -> str:
-    fig.savefig(folder / name, dpi=100, bbox_inches="tight")
+    fig.savefig(folder / name, dpi=100)
     plt.close(fig)
     return name
 
@@ -26,7 +26,7 @@ def _label(analysis: ModelAnalysis) -> str:
 
 def image_figure(folder: Path, name: str, per_model: Sequence[ImageAnalysis], models: Sequence[ModelAnalysis]) -> str:
     """One row per model: the input photo, the output norm map (outliers circled), the mean CLS attention map."""
-    fig, axes = plt.subplots(len(per_model), 3, figsize=(12, 4 * len(per_model)), squeeze=False)
+    fig, axes = plt.subplots(len(per_model), 3, figsize=(13, 4 * len(per_model)), squeeze=False, layout="constrained")
     for row, (image, model) in zip(axes, zip(per_model, models)):
         row[0].imshow(image.photo)
         row[0].set_title(f"{_label(model)}\n{Path(image.image).name}", fontsize=9)
@@ -36,14 +36,15 @@ def image_figure(folder: Path, name: str, per_model: Sequence[ImageAnalysis], mo
         if len(outliers):
             row[1].scatter(outliers[:, 1], outliers[:, 0], s=12, facecolors="none", edgecolors="red", linewidths=0.8)
         row[1].set_title(
-            f"output norms: {len(outliers)} outliers ({image.outlier_fraction:.1%}) > {image.threshold:.3g}"
+            f"output norms\n{len(outliers)} outliers ({image.outlier_fraction:.1%}) above {image.threshold:.3g}",
+            fontsize=9,
         )
         if image.cls_attention is None:
             row[2].text(0.5, 0.5, "no CLS token", ha="center", va="center")
         else:
             shown = row[2].imshow(image.cls_attention.mean(axis=0), cmap="inferno")
             fig.colorbar(shown, ax=row[2], fraction=0.046)
-            title = f"CLS attention (last layer): {image.attention_on_outliers.mean():.1%} on outliers"
+            title = f"CLS attention (last layer, mean of heads)\n{image.attention_on_outliers.mean():.1%} on outliers"
             if model.num_register_tokens:
                 title += f", {image.attention_on_registers.mean():.1%} on registers"
             row[2].set_title(title, fontsize=9)
@@ -55,7 +56,7 @@ def image_figure(folder: Path, name: str, per_model: Sequence[ImageAnalysis], mo
 
 def histogram_figure(folder: Path, name: str, models: Sequence[ModelAnalysis]) -> str:
     """Histogram of output patch-token norms over all images (log scale), one panel per model, threshold marked."""
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False, layout="constrained")
     for ax, model in zip(axes[0], models):
         norms = np.concatenate([a.norms.ravel() for a in model.images])
         bins = np.geomspace(max(norms.min(), 1e-6), max(norms.max(), model.threshold) * 1.05, 60)
@@ -72,16 +73,16 @@ def histogram_figure(folder: Path, name: str, models: Sequence[ModelAnalysis]) -
 
 def layer_figure(folder: Path, name: str, models: Sequence[ModelAnalysis]) -> str:
     """Per layer: share of high-norm patch tokens and largest / median norm, one line per model."""
-    fig, (share, ratio) = plt.subplots(1, 2, figsize=(12, 4))
+    fig, (share, ratio) = plt.subplots(1, 2, figsize=(12, 4), layout="constrained")
     for model in models:
         layers = range(len(model.layer_thresholds))
         share.plot(layers, model.layer_outlier_fractions(), marker="o", label=_label(model))
         ratio.plot(layers, model.layer_norm_ratios(), marker="o", label=_label(model))
     share.set_ylabel("outlier fraction (automatic threshold per layer)")
     ratio.set_ylabel("max / median patch-token norm")
-    ratio.set_yscale("log")
     for ax in (share, ratio):
         ax.set_xlabel("layer (0 = embeddings)")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend()
     return _save(fig, folder, name)
 
@@ -90,7 +91,7 @@ def lost_figure(folder: Path, name: str, results: dict, limit: int = 8) -> str:
     """The first images of each LOST run with the found box (red) and the ground-truth boxes (green)."""
     runs = list(results.items())
     count = min(limit, max(len(r["images"]) for _, r in runs))
-    fig, axes = plt.subplots(len(runs), count, figsize=(3 * count, 3 * len(runs)), squeeze=False)
+    fig, axes = plt.subplots(len(runs), count, figsize=(3 * count, 3 * len(runs)), squeeze=False, layout="constrained")
     for row, (model, result) in zip(axes, runs):
         for ax, entry in zip(row, result["images"][:count]):
             ax.imshow(open_image(entry["image"]))

@@ -20,6 +20,8 @@ def load_model(name_or_path: str | Path) -> tuple[PreTrainedModel, BaseImageProc
     path = Path(source)
     if path.exists() and not (path / "config.json").is_file():
         raise UserError(f"{source} is not a model folder (no config.json)")
+    if not path.exists() and (path.is_absolute() or source.startswith((".", "~"))):
+        raise UserError(f"{source} does not exist")
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as error:

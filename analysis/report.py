@@ -17,7 +17,8 @@ from .figures import histogram_figure, image_figure, layer_figure, lost_figure
 from .loading import check_images, collect_images, load_model
 from .lost import LOST_PATCHES, corloc, read_voc
 
-ModelSource = str | Path | tuple[PreTrainedModel, BaseImageProcessor]
+# A folder or Hub id, or an already loaded (model, processor) or (model, processor, name).
+ModelSource = str | Path | tuple
 
 
 def _round(values, digits: int = 4):
@@ -194,8 +195,8 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} td:first-child{{
 
 def _load(source: ModelSource) -> tuple[PreTrainedModel, BaseImageProcessor, str]:
     if isinstance(source, tuple):
-        model, processor = source
-        return model, processor, str(getattr(model, "name_or_path", "") or type(model).__name__)
+        model, processor, *name = source
+        return model, processor, str(name[0] if name else getattr(model, "name_or_path", "") or type(model).__name__)
     model, processor = load_model(source)
     return model, processor, str(source)
 
@@ -232,6 +233,7 @@ def run_analysis(
             for m, processor, name in loaded
         ]
     with atomic_output_dir(Path(out), overwrite) as folder:
+        folder.chmod(0o755)  # a report is for reading: not the private mode of a temporary folder
         report: dict = {"model": loaded[0][2], "image_size": image_size}
         figures = []
         if analyses:

@@ -136,6 +136,16 @@ def test_attention_masses_add_up(planted):
     assert np.all(total < 1.0) and np.all(total > 0.9)  # the rest is CLS attending to itself
 
 
+def test_model_without_cls_token(photos, tmp_path):
+    """timm's average-pool models have registers but no CLS: norms still work, attention is simply absent."""
+    model = ViTRegModel(tiny_config(use_cls_token=False, pooling="mean", num_register_tokens=2)).eval()
+    report = run_analysis((model, image_processor(), "gap"), photos[:1], tmp_path / "gap", progress=False)
+    record = report["images"][0]
+    assert record["grid"] == [16, 16] and record["cls_norm"] is None and record["cls_attention"] is None
+    assert len(record["register_norms"]) == 2 and report["summary"]["attention_on_outliers"] is None
+    assert (tmp_path / "gap" / "index.html").is_file()
+
+
 def test_report_schema_figures_and_compare(folders, tmp_path):
     out = tmp_path / "report"
     report = run_analysis(
@@ -193,6 +203,7 @@ def test_bad_inputs_are_one_line_errors(folders, tmp_path, capsys):
         "is not a readable image": [model, str(not_image)],
         "holds no images": [model, str(empty)],
         "is not a model folder": [str(empty), str(folders / "images")],
+        "missing-model does not exist": [str(tmp_path / "missing-model"), str(folders / "images")],
         "not a positive multiple of the patch size": [model, str(folders / "images"), "--image-size", "500"],
         "give at least one image": [model],
     }
