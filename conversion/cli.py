@@ -4,7 +4,7 @@ import argparse
 
 from vitreg.errors import UserError
 
-from .convert import DTYPES, convert, convert_batch, export_dinov2
+from .converter import DTYPES, convert, convert_batch, export_dinov2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

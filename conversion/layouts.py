@@ -72,6 +72,18 @@ DINOV2_EXPORT_RULES = [
     (r"layernorm\.(weight|bias)", r"norm.\1"),
 ]
 DINOV2_KEY_ORDER = ("cls_token", "pos_embed", "register_tokens", "mask_token", "patch_embed", "blocks", "norm")
+DINOV2_BLOCK_ORDER = (
+    "norm1",
+    "attn.qkv",
+    "attn.proj",
+    "ls1",
+    "norm2",
+    "mlp.fc1",
+    "mlp.w12",
+    "mlp.fc2",
+    "mlp.w3",
+    "ls2",
+)
 
 
 @dataclass
@@ -327,9 +339,12 @@ def to_dinov2(state_dict: dict[str, torch.Tensor], config: ViTRegConfig) -> dict
     if "mask_token" not in exported:
         exported["mask_token"] = torch.zeros(1, config.hidden_size, dtype=exported["cls_token"].dtype)
 
-    def rank(key: str) -> tuple[int, int]:
-        head = key.split(".")[0]
-        block = int(key.split(".")[1]) if head == "blocks" else 0
-        return DINOV2_KEY_ORDER.index(head if head in DINOV2_KEY_ORDER else "norm"), block
+    def rank(key: str) -> tuple[int, int, int, bool]:
+        parts = key.split(".")
+        top = DINOV2_KEY_ORDER.index(parts[0] if parts[0] in DINOV2_KEY_ORDER else "norm")
+        block = int(parts[1]) if parts[0] == "blocks" else 0
+        inner = ".".join(parts[2:-1]) if parts[0] == "blocks" else ""
+        within = DINOV2_BLOCK_ORDER.index(inner) if inner in DINOV2_BLOCK_ORDER else 0
+        return top, block, within, parts[-1] == "bias"
 
     return {key: exported[key].contiguous() for key in sorted(exported, key=rank)}

@@ -110,8 +110,9 @@ def read_source_dict(state: dict, tmp_name: str = "checkpoint.pth"):
 @pytest.mark.parametrize("wrapper", ["teacher", "model-module"])
 def test_training_checkpoint_chunked_patch16_matches_timm(wrapper):
     # DINOv2's trainer: patch 16, 224 crops (14x14 grid), 4 chunks of blocks, heads beside the backbone.
-    flat = random_official_state_dict("dinov2_vits14_reg4", hidden_size=128, num_hidden_layers=4,
-                                      image_size=224, patch_size=16)
+    flat = random_official_state_dict(
+        "dinov2_vits14_reg4", hidden_size=128, num_hidden_layers=4, image_size=224, patch_size=16
+    )
     prefix = "backbone." if wrapper == "teacher" else "module.backbone."
     chunked = {}
     for key, value in flat.items():
@@ -133,12 +134,16 @@ def test_training_checkpoint_chunked_patch16_matches_timm(wrapper):
 
 @pytest.mark.parametrize(
     "model_name, suffix",
-    [("vit_small_patch14_reg4_dinov2", ".safetensors"), ("vit_giant_patch14_reg4_dinov2", ".pth"),
-     ("vit_small_patch14_dinov2", ".bin")],
+    [
+        ("vit_small_patch14_reg4_dinov2", ".safetensors"),
+        ("vit_giant_patch14_reg4_dinov2", ".pth"),
+        ("vit_small_patch14_dinov2", ".bin"),
+    ],
 )
 def test_timm_dinov2_layouts_match_timm(model_name, suffix, monkeypatch):
-    reference = randomize(timm.create_model(model_name, embed_dim=128, depth=2, num_heads=2, img_size=518,
-                                            dynamic_img_size=True))
+    reference = randomize(
+        timm.create_model(model_name, embed_dim=128, depth=2, num_heads=2, img_size=518, dynamic_img_size=True)
+    )
     conversion, _ = read_source_dict(reference.state_dict(), "model" + suffix)
     assert conversion.source_format == "timm"
     assert conversion.config.cls_token_position_embedding == ("reg4" not in model_name)
@@ -152,8 +157,9 @@ def test_timm_dinov2_layouts_match_timm(model_name, suffix, monkeypatch):
 @pytest.mark.parametrize("model_name", ["vit_base_patch16_reg4_gap_256", "vit_medium_patch16_reg4_gap_256"])
 def test_timm_sbb_gap_models_match_timm_tokens_and_logits(model_name):
     # No CLS token, average pooling with fc_norm; the base model has no LayerScale.
-    reference = randomize(timm.create_model(model_name, embed_dim=128, depth=2, num_heads=2, num_classes=10,
-                                            dynamic_img_size=True))
+    reference = randomize(
+        timm.create_model(model_name, embed_dim=128, depth=2, num_heads=2, num_classes=10, dynamic_img_size=True)
+    )
     conversion, _ = read_source_dict(reference.state_dict(), "model.safetensors")
     config = conversion.config
     assert not config.use_cls_token and config.use_fc_norm and config.pooling == "mean"
@@ -174,8 +180,15 @@ def transformers_folder(tmp_path, registers: bool, swiglu: bool = False):
         (Dinov2WithRegistersConfig, Dinov2WithRegistersModel) if registers else (Dinov2Config, Dinov2Model)
     )
     extra = {"num_register_tokens": 4} if registers else {}
-    config = config_class(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=518,
-                          patch_size=14, use_swiglu_ffn=swiglu, **extra)
+    config = config_class(
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=518,
+        patch_size=14,
+        use_swiglu_ffn=swiglu,
+        **extra,
+    )
     reference = randomize(model_class(config))
     reference.save_pretrained(tmp_path / "hf")
     return tmp_path / "hf", reference
@@ -198,8 +211,16 @@ def test_transformers_dinov2_folder_uses_the_official_interpolation(tmp_path, mo
     assert max_token_difference(model, reference, [(518, 518)])[(518, 518)] <= TOL
     # ... elsewhere transformers resizes without the 0.1 offset: the converted model follows the official algorithm,
     # checked against timm running the official resampler on the same weights.
-    official = timm_vit.VisionTransformer(img_size=518, patch_size=14, embed_dim=128, depth=2, num_heads=2,
-                                          init_values=1.0, num_classes=0, dynamic_img_size=True)
+    official = timm_vit.VisionTransformer(
+        img_size=518,
+        patch_size=14,
+        embed_dim=128,
+        depth=2,
+        num_heads=2,
+        init_values=1.0,
+        num_classes=0,
+        dynamic_img_size=True,
+    )
     dinov2_layout = {"cls_token": source_state["embeddings.cls_token"]}
     from conversion.layouts import to_dinov2
 
@@ -235,8 +256,14 @@ def test_official_reg4_matches_transformers(tmp_path):
                 hf[f"{dst}{name}.{param}"] = state[f"{src}{name}.{param}"]
         hf[f"{dst}layer_scale1.lambda1"] = state[f"{src}ls1.gamma"]
         hf[f"{dst}layer_scale2.lambda1"] = state[f"{src}ls2.gamma"]
-    config = Dinov2WithRegistersConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=518,
-                                       patch_size=14, num_register_tokens=4)
+    config = Dinov2WithRegistersConfig(
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=518,
+        patch_size=14,
+        num_register_tokens=4,
+    )
     config.save_pretrained(tmp_path)
     save_file({key: value.contiguous() for key, value in hf.items()}, tmp_path / "model.safetensors")
     reference = Dinov2WithRegistersModel.from_pretrained(tmp_path).eval()
@@ -251,8 +278,12 @@ def test_official_heads_match_timm_features(tmp_path, kind, blocks):
     head = random_head_state_dict(128, blocks)
     torch.save(state, tmp_path / "dinov2_vits14_reg4_pretrain.pth")
     torch.save(head, tmp_path / f"dinov2_vits14_reg4_{kind}_head.pth")
-    folder = convert(tmp_path / "dinov2_vits14_reg4_pretrain.pth", tmp_path / "out",
-                     head=tmp_path / f"dinov2_vits14_reg4_{kind}_head.pth", progress=False)
+    folder = convert(
+        tmp_path / "dinov2_vits14_reg4_pretrain.pth",
+        tmp_path / "out",
+        head=tmp_path / f"dinov2_vits14_reg4_{kind}_head.pth",
+        progress=False,
+    )
     from transformers import AutoModelForImageClassification
 
     model = AutoModelForImageClassification.from_pretrained(folder).eval()
@@ -261,8 +292,9 @@ def test_official_heads_match_timm_features(tmp_path, kind, blocks):
     for height, width in [(518, 518), (224, 308)]:
         pixels = torch.randn(2, 3, height, width)
         with torch.no_grad():
-            _, intermediates = reference.forward_intermediates(pixels, indices=blocks, norm=True,
-                                                               return_prefix_tokens=True, output_fmt="NLC")
+            _, intermediates = reference.forward_intermediates(
+                pixels, indices=blocks, norm=True, return_prefix_tokens=True, output_fmt="NLC"
+            )
             # DINOv2: CLS of the last `blocks` blocks (normed) + mean of the last block's normed patch tokens
             cls_tokens = [prefix[:, 0] for _, prefix in intermediates]
             features = torch.cat((*cls_tokens, intermediates[-1][0].mean(dim=1)), dim=-1)
