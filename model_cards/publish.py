@@ -3,7 +3,6 @@
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,6 @@ LOAD_CHECK = Path(__file__).with_name("load_check.py")
 IGNORE_PATTERNS = [".*", "**/.*", "__pycache__", "**/__pycache__/**", "*.pyc"]  # never part of a model repo
 REQUIRED_FILES = ("config.json", "preprocessor_config.json", "configuration_vitreg.py", "modeling_vitreg.py")
 PIPELINE_TAGS = ("image-feature-extraction", "image-classification")
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass
@@ -129,9 +127,16 @@ def validate_folders(folders: list[Path]) -> list[dict]:
 
 
 def check_repo_id(repo_id: str) -> str:
-    """Refuse a repo id that is not ORG/NAME."""
-    if not REPO_ID.match(repo_id or "") or ".." in repo_id or repo_id.endswith((".", "-")):
-        raise UserError(f"invalid repo id {repo_id!r}: expected ORG/NAME (letters, digits, '-', '_', '.')")
+    """Refuse a repo id that is not ORG/NAME by the Hub's own rules."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise UserError(f"invalid repo id {repo_id!r}: {str(error).splitlines()[0]}") from None
+    if "/" not in repo_id:
+        raise UserError(f"invalid repo id {repo_id!r}: expected ORG/NAME")
     return repo_id
 
 
