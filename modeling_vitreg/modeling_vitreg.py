@@ -299,6 +299,15 @@ class ViTRegEncoder(nn.Module):
         return hidden_states, kept
 
 
+# The Auto classes a saved folder opens with as remote code (module names of the copied files).
+REMOTE_AUTO_MAP = {
+    "AutoConfig": "configuration_vitreg.ViTRegConfig",
+    "AutoModel": "modeling_vitreg.ViTRegModel",
+    "AutoModelForImageClassification": "modeling_vitreg.ViTRegForImageClassification",
+    "AutoBackbone": "modeling_vitreg.ViTRegBackbone",
+}
+
+
 class ViTRegPreTrainedModel(PreTrainedModel):
     """Weight initialisation and the transformers plumbing shared by every ViTReg head."""
 
@@ -315,6 +324,16 @@ class ViTRegPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = True
     _can_record_outputs = {"hidden_states": ViTRegLayer, "attentions": ViTRegAttention}
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save as transformers does, with an `auto_map` naming every ViTReg class, not only the saved one.
+
+        transformers records only the saved class, so a classifier's folder would not open with `AutoModel` or
+        `AutoBackbone` as remote code.
+        """
+        if self._auto_class is not None:
+            self.config.auto_map = {**REMOTE_AUTO_MAP, **(getattr(self.config, "auto_map", None) or {})}
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         """Truncated-normal weights, zero biases, DINOv2's token initialisation."""
