@@ -97,11 +97,16 @@ def _norms(tokens: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def analyze_image(
-    model: PreTrainedModel, processor: BaseImageProcessor, image: Image.Image, name: str, image_size: int | None = None
+    model: PreTrainedModel,
+    processor: BaseImageProcessor,
+    image: Image.Image,
+    name: str,
+    image_size: int | None = None,
+    crop: bool = True,
 ) -> ImageAnalysis:
     """Norms (output and per layer) and last-layer CLS attention of one image; outliers are marked later."""
     config = model.config
-    pixel_values = preprocess(processor, image, config.patch_size, image_size)  # [1, 3, H, W]
+    pixel_values = preprocess(processor, image, config.patch_size, image_size, crop)  # [1, 3, H, W]
     rows, cols = pixel_values.shape[-2] // config.patch_size, pixel_values.shape[-1] // config.patch_size
     param = next(model.parameters())
     # All layers' attention maps would be heads * N^2 per block (GBs for ViT-g at 518 px): recompute the last one's.
@@ -145,14 +150,19 @@ def analyze(
     threshold: float | None = None,
     name: str | None = None,
     progress: bool = True,
+    crop: bool = True,
 ) -> ModelAnalysis:
-    """Analyse `model` on `images` (paths or PIL images): norms, outliers (automatic or fixed threshold), attention."""
+    """Analyse `model` on `images` (paths or PIL images): norms, outliers (automatic or fixed threshold), attention.
+
+    `image_size` resizes the short side and center-crops square (518: the paper's 37x37 grid); `crop=False` keeps
+    the whole image instead; neither: the model's own preprocessing.
+    """
     if image_size is not None:
         check_image_size(image_size, model.config.patch_size)
     if not images:
         raise UserError("no images to analyse")
     named = tqdm(named_images(images), total=len(images), desc="analysing", unit="image", disable=not progress)
-    results = [analyze_image(model, processor, image, image_name, image_size) for image_name, image in named]
+    results = [analyze_image(model, processor, image, image_name, image_size, crop) for image_name, image in named]
     pooled = np.concatenate([a.norms.ravel() for a in results])
     cut = auto_threshold(pooled) if threshold is None else float(threshold)
     mark_outliers(results, cut)

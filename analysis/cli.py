@@ -17,11 +17,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--image-size", type=int, help="resize the short side to N and center-crop NxN (518: the paper's 37x37 grid)"
     )
+    parser.add_argument(
+        "--no-crop", action="store_true", help="keep the whole image (no square crop; sides trimmed to patch multiples)"
+    )
     parser.add_argument("--threshold", type=float, help="fixed outlier norm (default: an automatic robust threshold)")
     parser.add_argument("--compare", metavar="OTHER_MODEL", help="a second model analysed side by side")
-    parser.add_argument("--lost", metavar="VOC_ROOT", type=Path, help="LOST object discovery CorLoc over a VOC folder")
+    parser.add_argument(
+        "--lost",
+        metavar="VOC_ROOT",
+        type=Path,
+        help="LOST object discovery CorLoc over a VOC folder (whole images, short side --image-size or the crop size)",
+    )
     parser.add_argument("--lost-split", metavar="NAME", help="use ImageSets/Main/NAME.txt (default: all annotations)")
     parser.add_argument("--lost-patches", type=int, default=LOST_PATCHES, help="LOST's k (default %(default)s)")
+    parser.add_argument("--device", help="torch device for the models, e.g. cuda (default: cpu)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
 
 
@@ -43,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
         lost_root=args.lost,
         lost_split=args.lost_split,
         lost_patches=args.lost_patches,
+        crop=not args.no_crop,
+        device=args.device,
         overwrite=args.overwrite,
     )
     for record in [report] + ([report["compare"]] if "compare" in report else []):

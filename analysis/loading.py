@@ -90,22 +90,29 @@ def check_image_size(image_size: int, patch_size: int) -> None:
 
 
 def preprocess(
-    processor: BaseImageProcessor, image: Image.Image, patch_size: int, image_size: int | None = None
+    processor: BaseImageProcessor,
+    image: Image.Image,
+    patch_size: int,
+    image_size: int | None = None,
+    crop: bool = True,
 ) -> torch.Tensor:
-    """`[1, 3, H, W]`: the model's own preprocessing, or the short side resized to `image_size` and cropped square."""
+    """`[1, 3, H, W]`: the model's own preprocessing, or the short side resized to `image_size` and cropped square.
+
+    With `crop=False` the whole image is kept (short side resized, no square crop); any side that is not a multiple
+    of the patch size is center-trimmed to one, as DINOv2 does.
+    """
+    options: dict = {} if crop else {"do_center_crop": False}
     if image_size is not None:
         check_image_size(image_size, patch_size)
-        size = {"size": {"shortest_edge": image_size}, "crop_size": {"height": image_size, "width": image_size}}
-    else:
-        size = {}
-    pixel_values = processor(image, return_tensors="pt", **size)["pixel_values"]  # [1, 3, H, W]
+        options["size"] = {"shortest_edge": image_size}
+        options["crop_size"] = {"height": image_size, "width": image_size}
+    pixel_values = processor(image, return_tensors="pt", **options)["pixel_values"]  # [1, 3, H, W]
     height, width = pixel_values.shape[-2:]
-    if height % patch_size or width % patch_size:
-        raise UserError(
-            f"the model's preprocessing gives {height}x{width} images, not a multiple of the patch size {patch_size}; "
-            "pass --image-size"
-        )
-    return pixel_values
+    rows, cols = height // patch_size, width // patch_size
+    if rows == 0 or cols == 0:
+        raise UserError(f"images of {height}x{width} pixels are smaller than one {patch_size}-pixel patch")
+    top, left = (height - rows * patch_size) // 2, (width - cols * patch_size) // 2
+    return pixel_values[..., top : top + rows * patch_size, left : left + cols * patch_size]  # [1, 3, h*p, w*p]
 
 
 def unnormalize(processor: BaseImageProcessor, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -193,12 +193,18 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} td:first-child{{
     (folder / "index.html").write_text(page)
 
 
-def _load(source: ModelSource) -> tuple[PreTrainedModel, BaseImageProcessor, str]:
+def _load(source: ModelSource, device: str | None) -> tuple[PreTrainedModel, BaseImageProcessor, str]:
     if isinstance(source, tuple):
         model, processor, *name = source
-        return model, processor, str(name[0] if name else getattr(model, "name_or_path", "") or type(model).__name__)
-    model, processor = load_model(source)
-    return model, processor, str(source)
+        name = str(name[0] if name else getattr(model, "name_or_path", "") or type(model).__name__)
+    else:
+        (model, processor), name = load_model(source), str(source)
+    if device is not None:
+        try:
+            model = model.to(device)
+        except (RuntimeError, AssertionError) as error:  # torch asserts on a CUDA device it was not built with
+            raise UserError(f"cannot use device {device!r}: {str(error).splitlines()[0]}") from None
+    return model, processor, name
 
 
 def run_analysis(
@@ -212,6 +218,8 @@ def run_analysis(
     lost_root: str | Path | None = None,
     lost_split: str | None = None,
     lost_patches: int = LOST_PATCHES,
+    crop: bool = True,
+    device: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
@@ -225,16 +233,16 @@ def run_analysis(
     if lost_root is not None:
         read_voc(lost_root, lost_split)  # a bad VOC folder fails before any model loads
     sources = [model] + ([compare] if compare is not None else [])
-    loaded = [_load(source) for source in sources]
+    loaded = [_load(source, device) for source in sources]
     analyses = []
     if expanded:
         analyses = [
-            analyze(m, processor, expanded, image_size, threshold, name=name, progress=progress)
+            analyze(m, processor, expanded, image_size, threshold, name=name, progress=progress, crop=crop)
             for m, processor, name in loaded
         ]
     with atomic_output_dir(Path(out), overwrite) as folder:
         folder.chmod(0o755)  # a report is for reading: not the private mode of a temporary folder
-        report: dict = {"model": loaded[0][2], "image_size": image_size}
+        report: dict = {"model": loaded[0][2], "image_size": image_size, "crop": crop}
         figures = []
         if analyses:
             report.update(model_record(analyses[0]))

@@ -118,6 +118,15 @@ def test_fixed_threshold_and_model_preprocessing(planted):
     assert result.images[0].grid == (16, 16)  # the model's own 256 -> 224 crop
 
 
+def test_whole_image_without_crop(photos):
+    chelsea = photos[1]  # 451x300
+    model = ViTRegModel(tiny_config()).eval()
+    own = analyze(model, image_processor(), [chelsea], crop=False, progress=False).images[0]
+    assert own.grid == (256 // 14, 385 // 14)  # short side 256, long side 385, trimmed to whole patches
+    paper = analyze(model, image_processor(), [chelsea], image_size=SIZE, crop=False, progress=False).images[0]
+    assert paper.grid == (37, 779 // 14) and paper.photo.shape == (37 * 14, 55 * 14, 3)
+
+
 def test_cls_attention_matches_the_models_eager_attention():
     model = ViTRegModel(tiny_config(num_register_tokens=3)).eval()
     pixels = torch.randn(1, 3, 42, 56)
@@ -179,7 +188,8 @@ def test_report_schema_figures_and_compare(folders, tmp_path):
 def test_cli_analyze(folders, tmp_path, capsys):
     out = tmp_path / "cli"
     images = [str(folders / "images" / "photo_0.png"), str(folders / "images" / "photo_1.png")]
-    assert main(["analyze", str(folders / "artifacts"), *images, "--out", str(out), "--image-size", "518"]) == 0
+    argv = ["analyze", str(folders / "artifacts"), *images, "--out", str(out), "--image-size", "518", "--device", "cpu"]
+    assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "report.json" in printed and "high-norm patch tokens" in printed
     report = json.loads((out / "report.json").read_text())
@@ -206,6 +216,7 @@ def test_bad_inputs_are_one_line_errors(folders, tmp_path, capsys):
         "missing-model does not exist": [str(tmp_path / "missing-model"), str(folders / "images")],
         "not a positive multiple of the patch size": [model, str(folders / "images"), "--image-size", "500"],
         "give at least one image": [model],
+        "cannot use device 'nowhere'": [model, str(folders / "images"), "--device", "nowhere"],
     }
     for message, argv in cases.items():
         assert main(["analyze", *argv, "--out", str(tmp_path / "out")]) == 1, message
