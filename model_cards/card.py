@@ -177,9 +177,9 @@ def _kind_sentence(provenance: dict) -> str:
 def details(config: dict, preprocessor: dict, num_parameters: int | None) -> list[tuple[str, str]]:
     """Rows of the "Model details" table, read from config.json and preprocessor_config.json."""
     grid = config.get("image_size", 0) // max(config.get("patch_size", 1), 1)
-    interpolation = (
-        "bicubic, antialiased" if config.get("interpolate_antialias") else "bicubic, DINOv2's +0.1 scale offset"
-    )
+    offset = config.get("interpolate_offset") or 0
+    interpolation = "bicubic" + (", antialiased" if config.get("interpolate_antialias") else "")
+    interpolation += f", DINOv2's +{offset} scale offset" if offset else ""
     rows = [
         ("Model class", f"`{(config.get('architectures') or ['ViTRegModel'])[0]}`"),
         (
@@ -330,13 +330,17 @@ def build_card(folder: str | Path, provenance: dict, repo_id: str | None = None)
     is_classifier = _is_classifier(config)
     registers = config.get("num_register_tokens", 0)
     pooler = "the CLS token" if config.get("pooling", "cls") == "cls" else "the mean of the patch tokens"
+    has_cls = config.get("use_cls_token", True)
+    token_order = "[" + ", ".join(["CLS"] * has_cls + ["registers"] * bool(registers) + ["patches"]) + "]"
     return ModelCard.from_template(
         card_data(config, provenance, repo_id),
         template_path=str(TEMPLATE_PATH),
         title=title(provenance, repo_id),
         summary=summary(config, provenance),
         num_register_tokens=registers,
-        num_prefix_tokens=int(config.get("use_cls_token", True)) + registers,
+        num_prefix_tokens=int(has_cls) + registers,
+        token_order=token_order,
+        token_norm="un-normed (only the pooled mean is normed)" if config.get("use_fc_norm") else "normed",
         hidden_size=config.get("hidden_size"),
         patch_size=config.get("patch_size"),
         num_labels=len(config.get("id2label") or {}) or config.get("num_labels"),

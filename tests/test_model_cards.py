@@ -123,6 +123,26 @@ def test_repo_id_goes_into_title_and_snippets(tmp_path):
     assert "random weights" in card.text
 
 
+@pytest.mark.parametrize(
+    "fields, order, interpolation",
+    [
+        ({}, "[CLS, registers, patches]", "bicubic, antialiased |"),
+        (dict(num_register_tokens=0, interpolate_antialias=False, interpolate_offset=0.1), "[CLS, patches]",
+         "bicubic, DINOv2's +0.1 scale offset |"),
+        (dict(use_cls_token=False, pooling="mean", use_fc_norm=True, interpolate_antialias=False),
+         "[registers, patches]", "bicubic |"),
+    ],
+)  # fmt: skip
+def test_card_describes_the_token_layout_of_the_config(tmp_path, fields, order, interpolation):
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config(**fields).to_dict()))
+    text = build_card(tmp_path, {"kind": "converted", "source_format": "timm"}).text
+    assert f"every token, in the order `{order}`" in text
+    assert f"interpolated {interpolation}" in text
+    prefix = order.count("CLS") + 4 * order.count("registers")
+    assert f"`[B, {prefix} + h*w, 32]`" in text
+    assert ("the mean of the patch tokens" in text) == ("CLS" not in order)
+
+
 def test_provenance_needs_a_known_kind(tmp_path):
     folder = save(tmp_path, "random", {"kind": "random"})
     with pytest.raises(ValueError, match="kind"):
