@@ -55,6 +55,9 @@ def read_source(source: str | Path, num_heads: int | None = None) -> tuple[Conve
             conversion = _with_transformers_classifier(conversion, tensors, read_folder_config(source) or {})
     else:
         conversion = convert_vit(state_dict, source_format, num_heads)
+        official_grid = (conversion.config.image_size, conversion.config.patch_size) == (518, 14)
+        if source_format == "dinov2-hub" and not official_grid:
+            conversion.source_format = "dinov2-train"  # a flat file at a training resolution or patch size
     dropped = [key for key in outside if not key.startswith("classifier.")] if prefix else []
     if dropped:
         conversion.notes.append(f"dropped {len(dropped)} tensors beside the backbone ({dropped[0].split('.')[0]}, ...)")

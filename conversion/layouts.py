@@ -15,6 +15,7 @@ from modeling_vitreg import ViTRegConfig
 from vitreg.errors import UserError
 
 from .architectures import interpolation
+from .heads import imagenet_labels
 
 ANCHORS = ("patch_embed.proj.weight", "embeddings.patch_embeddings.projection.weight")
 FORMATS = ("dinov2-hub", "dinov2-train", "timm", "transformers", "vitreg")
@@ -260,7 +261,11 @@ def convert_vit(state_dict: dict[str, torch.Tensor], source_format: str, num_hea
         }
     notes = []
     if "classifier.weight" in converted and fc_norm:
-        config.num_labels = converted["classifier.weight"].shape[0]  # timm's head on the fc-normed mean patch token
+        # timm's head on the fc-normed mean patch token is exactly ViTReg's classifier with use_fc_norm.
+        config.num_labels = converted["classifier.weight"].shape[0]
+        labels = imagenet_labels(config.num_labels)
+        if labels:
+            config.id2label, config.label2id = labels, {name: index for index, name in labels.items()}
     if "classifier.weight" in converted and not fc_norm:
         # timm's token-pooled head reads the CLS token alone; ViTReg's linear head reads CLS + mean patch.
         converted.pop("classifier.weight")

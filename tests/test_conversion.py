@@ -321,3 +321,29 @@ def test_real_vits14_reg4_shape_matches_timm(tmp_path):
     reference = timm_reference(state, "dinov2-hub", model.config)
     differences = max_token_difference(model, reference, sizes(14, 518))
     assert max(differences.values()) <= TOL, differences
+
+
+def test_transformers_classifier_folder_matches_transformers_logits(tmp_path):
+    # Dinov2WithRegistersForImageClassification: linear head on cat(CLS, mean patch), i.e. DINOv2's linear head.
+    from transformers import Dinov2WithRegistersForImageClassification
+
+    config = Dinov2WithRegistersConfig(
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=518,
+        patch_size=14,
+        num_register_tokens=4,
+        num_labels=5,
+    )
+    reference = randomize(Dinov2WithRegistersForImageClassification(config))
+    reference.save_pretrained(tmp_path / "hf", max_shard_size="500KB")  # sharded on purpose
+    assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    conversion, _ = read_source(tmp_path / "hf")
+    model = build_model(conversion)
+    assert model.config.id2label == reference.config.id2label and model.config.classifier_num_layers == 1
+    for height, width in [(518, 518), (224, 308)]:
+        pixels = torch.randn(2, 3, height, width)
+        with torch.no_grad():
+            difference = (model(pixel_values=pixels).logits - reference(pixel_values=pixels).logits).abs().max()
+        assert difference <= TOL

@@ -196,3 +196,25 @@ def test_num_heads(checkpoint, tmp_path, capsys):
     assert "does not divide the width 64" in capsys.readouterr().err
     assert main(["convert", str(checkpoint), str(tmp_path / "b"), "--num-heads", "4", "--no-progress"]) == 0
     assert json.loads((tmp_path / "b" / "config.json").read_text())["num_attention_heads"] == 4
+
+
+def test_verify_fails_loudly_when_the_reference_disagrees(checkpoint, tmp_path, monkeypatch, capsys):
+    real_reference = converter.timm_reference
+
+    def nudged_reference(*args):
+        reference = real_reference(*args)
+        with torch.no_grad():
+            reference.blocks[0].attn.proj.bias.add_(1e-3)
+        return reference
+
+    monkeypatch.setattr(converter, "timm_reference", nudged_reference)
+    assert main(["convert", str(checkpoint), str(tmp_path / "out"), "--verify", "--no-progress"]) == 1
+    assert "verification failed" in capsys.readouterr().err
+
+
+def test_legacy_pickle_format_and_nested_state_dict(tmp_path):
+    state = random_official_state_dict("dinov2_vits14", **TINY)
+    torch.save({"state_dict": state}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    out = converter.convert(tmp_path / "legacy.pth", tmp_path / "out", progress=False)
+    back = torch.load(export_dinov2(out, tmp_path / "back.pth"), weights_only=True)
+    assert all(torch.equal(back[key], state[key]) for key in state)
