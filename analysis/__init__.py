@@ -3,7 +3,7 @@
 from .artifacts import ImageAnalysis, ModelAnalysis, analyze, analyze_image
 from .loading import collect_images, load_model
 from .lost import corloc, lost, lost_image, read_voc
-from .report import run_analysis
+from .report import model_record, run_analysis
 from .threshold import auto_threshold
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "load_model",
     "lost",
     "lost_image",
+    "model_record",
     "read_voc",
     "run_analysis",
 ]

@@ -15,13 +15,15 @@ from .hooks import capture_last_qkv, cls_attention
 from .loading import check_image_size, named_images, preprocess, unnormalize
 from .threshold import auto_threshold
 
+PHOTO_SIDE = 448
+
 
 @dataclass
 class ImageAnalysis:
     """What one image shows about one model; norms are of the output tokens (after the final norm)."""
 
     image: str
-    photo: np.ndarray  # [H, W, 3] the model's input in [0, 1], for figures
+    photo: np.ndarray  # [H', W', 3] uint8: the model's input, at most PHOTO_SIDE pixels a side, for figures
     norms: np.ndarray  # [h, w] output norm of every patch token
     cls_norm: float | None
     register_norms: np.ndarray  # [R]
@@ -58,7 +60,7 @@ class ImageAnalysis:
     @property
     def attention_on_registers(self) -> np.ndarray | None:
         """`[heads]` last-layer CLS attention mass that falls on the registers."""
-        if self.cls_attention_registers is None:
+        if self.cls_attention_registers is None or self.cls_attention_registers.shape[-1] == 0:
             return None
         return self.cls_attention_registers.sum(axis=-1)
 
@@ -89,6 +91,13 @@ class ModelAnalysis:
             norms = np.concatenate([a.layer_norms[layer].ravel() for a in self.images])
             ratios.append(float(norms.max() / max(np.median(norms), 1e-12)))
         return ratios
+
+
+def thumbnail(photo: torch.Tensor) -> np.ndarray:
+    """`[H, W, 3]` in [0, 1] -> uint8 with at most PHOTO_SIDE pixels a side: kept per image, so kept small."""
+    image = Image.fromarray((photo.numpy() * 255).round().astype(np.uint8))
+    image.thumbnail((PHOTO_SIDE, PHOTO_SIDE))
+    return np.asarray(image)
 
 
 def _norms(tokens: torch.Tensor) -> np.ndarray:
@@ -123,7 +132,7 @@ def analyze_image(
         cls_registers = attention[:, start : start + registers].numpy()
     return ImageAnalysis(
         image=name,
-        photo=unnormalize(processor, pixel_values).numpy(),
+        photo=thumbnail(unnormalize(processor, pixel_values)),
         norms=_norms(tokens[prefix:]).reshape(rows, cols),
         cls_norm=float(_norms(tokens[0])) if has_cls else None,
         register_norms=_norms(tokens[start : start + registers]),

@@ -97,7 +97,7 @@ def summary(analysis: ModelAnalysis) -> dict:
             [None if a.cls_attention is None else a.attention_on_outliers.mean() for a in images]
         ),
         "attention_on_registers": _mean(
-            [None if a.cls_attention_registers is None else a.attention_on_registers.mean() for a in images]
+            [None if a.attention_on_registers is None else a.attention_on_registers.mean() for a in images]
         ),
         "emergence_layer": emergence_layer(analysis),
         "layers": [
@@ -165,7 +165,7 @@ def write_index(folder: Path, report: dict) -> None:
     image_head = "".join(
         f"<th>{html.escape(m['model'])}: {k}</th>"
         for m in models
-        for k in ("outliers", "CLS norm", "attn. on outliers")
+        for k in ("outlier fraction", "CLS norm", "CLS attention on outliers")
     )
     lost = ""
     if "lost" in report:
@@ -176,6 +176,7 @@ def write_index(folder: Path, report: dict) -> None:
         )
         lost += "</table>"
     figures = "".join(f'<p><img src="{html.escape(path)}" alt="{html.escape(path)}"></p>' for path in report["figures"])
+    rule = "a fixed" if report["summary"]["threshold_rule"] == "fixed" else "an automatic"
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>ViTReg artifact analysis</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
@@ -183,7 +184,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} td:first-child{{
 </style></head><body>
 <h1>High-norm artifact tokens</h1>
 <p>Output-token norms (after the final norm); outliers are patch tokens above the threshold
-({html.escape(report["summary"]["threshold_rule"])} threshold). Attention: the CLS token's, in the last layer.</p>
+({rule} threshold per model). Attention: the CLS token's, in the last layer.</p>
 <h2>Summary</h2><table><tr><th></th>{head}</tr>{"".join(rows)}</table>
 {lost}
 <h2>Per image</h2><table><tr><th>image</th><th>grid</th>{image_head}</tr>{"".join(per_image)}</table>
