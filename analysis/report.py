@@ -47,6 +47,7 @@ def image_record(analysis: ImageAnalysis, layer_thresholds: Sequence[float]) -> 
         "patch_norm_median": float(np.median(a.norms)),
         "patch_norm_max": float(a.norms.max()),
         "cls_attention": None if a.cls_attention is None else _round(a.cls_attention.mean(axis=0), 6),
+        "cls_attention_per_head": None if a.cls_attention is None else _round(a.cls_attention, 6),
         "attention_on_outliers": None if on_outliers is None else float(on_outliers.mean()),
         "attention_on_outliers_per_head": None if on_outliers is None else _round(on_outliers, 6),
         "attention_on_registers": None if on_registers is None else float(on_registers.mean()),

@@ -172,6 +172,11 @@ def test_report_schema_figures_and_compare(folders, tmp_path):
         assert record["outlier_fraction"] == len(record["outliers"]) / (h * w)
         assert all(record["norms"][r][c] > record["threshold"] for r, c in record["outliers"])
         assert record["register_norms"] == []
+        heads = np.asarray(record["cls_attention_per_head"])
+        assert heads.shape == (2, h, w)
+        np.testing.assert_allclose(heads.mean(axis=0), record["cls_attention"], atol=1e-6)
+        on_outliers = [sum(head[r][c] for r, c in record["outliers"]) for head in heads]
+        np.testing.assert_allclose(record["attention_on_outliers_per_head"], on_outliers, atol=1e-4)
     summary, other = on_disk["summary"], on_disk["compare"]["summary"]
     assert summary["outlier_fraction"] > 0.01 and summary["emergence_layer"] == 2
     assert other["outlier_fraction"] == 0.0 and other["emergence_layer"] is None
