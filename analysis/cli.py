@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{record['model']}: {s['outlier_fraction']:.2%} high-norm patch tokens "
                 f"(threshold {s['threshold']:.4g}, {s['images_with_outliers']}/{s['num_images']} images)"
             )
-    for name, result in report.get("lost", {}).items():
-        print(f"{name}: LOST CorLoc {result['corloc']:.4f} over {result['num_images']} images")
+    for run in report.get("lost", []):
+        print(f"{run['model']}: LOST CorLoc {run['corloc']:.4f} over {run['num_images']} images")
     print(f"report: {args.out / 'report.json'}  figures: {args.out / 'index.html'}")
     return 0

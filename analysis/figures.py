@@ -87,18 +87,17 @@ def layer_figure(folder: Path, name: str, models: Sequence[ModelAnalysis]) -> st
     return _save(fig, folder, name)
 
 
-def lost_figure(folder: Path, name: str, results: dict, limit: int = 8) -> str:
+def lost_figure(folder: Path, name: str, runs: Sequence[dict], limit: int = 8) -> str:
     """The first images of each LOST run with the found box (red) and the ground-truth boxes (green)."""
-    runs = list(results.items())
-    count = min(limit, max(len(r["images"]) for _, r in runs))
+    count = min(limit, max(len(run["images"]) for run in runs))
     fig, axes = plt.subplots(len(runs), count, figsize=(3 * count, 3 * len(runs)), squeeze=False, layout="constrained")
-    for row, (model, result) in zip(axes, runs):
-        for ax, entry in zip(row, result["images"][:count]):
+    for row, run in zip(axes, runs):
+        for ax, entry in zip(row, run["images"][:count]):
             ax.imshow(open_image(entry["image"]))
             for box, colour in [(b, "lime") for b in entry["gt_boxes"]] + [(entry["box"], "red")]:
                 x0, y0, x1, y1 = box
                 ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colour, linewidth=2))
-            ax.set_title(f"{Path(model).name}: IoU {entry['iou']:.2f}", fontsize=8)
+            ax.set_title(f"{Path(run['model']).name}: IoU {entry['iou']:.2f}", fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
     return _save(fig, folder, name)

@@ -10,7 +10,7 @@ from PIL import Image
 from transformers import BaseImageProcessor, PreTrainedModel
 
 from vitreg.errors import UserError
-from vitreg.hub import atomic_output_dir
+from vitreg.hub import atomic_output_dir, check_output_dir
 
 from .artifacts import ImageAnalysis, ModelAnalysis, analyze
 from .figures import histogram_figure, image_figure, layer_figure, lost_figure
@@ -171,9 +171,9 @@ def write_index(folder: Path, report: dict) -> None:
     lost = ""
     if "lost" in report:
         lost = "<h2>LOST object discovery</h2><table>" + "".join(
-            f"<tr><td>{html.escape(name)}</td><td>CorLoc {result['corloc']:.4f}</td>"
-            f"<td>{result['num_images']} images</td></tr>"
-            for name, result in report["lost"].items()
+            f"<tr><td>{html.escape(run['model'])}</td><td>CorLoc {run['corloc']:.4f}</td>"
+            f"<td>{run['num_images']} images</td></tr>"
+            for run in report["lost"]
         )
         lost += "</table>"
     figures = "".join(f'<p><img src="{html.escape(path)}" alt="{html.escape(path)}"></p>' for path in report["figures"])
@@ -209,6 +209,31 @@ def _load(source: ModelSource, device: str | None) -> tuple[PreTrainedModel, Bas
     return model, processor, name
 
 
+def write_report(folder: Path, analyses: Sequence[ModelAnalysis], lost_runs: Sequence[dict], header: dict) -> dict:
+    """Write report.json (`header` first), figures/ and index.html of analyses and LOST runs; return the report."""
+    report = dict(header)
+    figures = []
+    (folder / "figures").mkdir(exist_ok=True)
+    if analyses:
+        report.update(model_record(analyses[0]))
+        if len(analyses) > 1:
+            report["compare"] = model_record(analyses[1])
+        for index, per_model in enumerate(zip(*(a.images for a in analyses))):
+            name = f"figures/image_{index:03d}_{Path(per_model[0].image).stem}.png"
+            figures.append(image_figure(folder, name, per_model, analyses))
+        figures.append(histogram_figure(folder, "figures/norm_histogram.png", analyses))
+        figures.append(layer_figure(folder, "figures/layer_outliers.png", analyses))
+    if lost_runs:
+        report["lost"] = list(lost_runs)
+        figures.append(lost_figure(folder, "figures/lost.png", lost_runs))
+    report["figures"] = figures
+    report.setdefault("images", [])
+    report.setdefault("summary", {"threshold_rule": "none"})
+    (folder / "report.json").write_text(json.dumps(report, indent=1))
+    write_index(folder, report)
+    return report
+
+
 def run_analysis(
     model: ModelSource,
     images: Sequence[str | Path | Image.Image],
@@ -226,6 +251,7 @@ def run_analysis(
     progress: bool = True,
 ) -> dict:
     """Analyse a model (and `compare`) on images (files, folders or PIL images), write `out/`; return report.json."""
+    check_output_dir(Path(out), overwrite)  # before the work, not after it
     expanded = []
     for item in images:  # a folder expands, in place, into its sorted image files
         expanded.extend([item] if isinstance(item, Image.Image) else collect_images([item]))
@@ -236,36 +262,15 @@ def run_analysis(
         read_voc(lost_root, lost_split)  # a bad VOC folder fails before any model loads
     sources = [model] + ([compare] if compare is not None else [])
     loaded = [_load(source, device) for source in sources]
-    analyses = []
-    if expanded:
-        analyses = [
-            analyze(m, processor, expanded, image_size, threshold, name=name, progress=progress, crop=crop)
-            for m, processor, name in loaded
-        ]
+    analyses = [
+        analyze(m, processor, expanded, image_size, threshold, name=name, progress=progress, crop=crop)
+        for m, processor, name in (loaded if expanded else [])
+    ]
+    lost_runs = [
+        {"model": name, **corloc(m, processor, lost_root, lost_split, image_size, lost_patches, progress)}
+        for m, processor, name in (loaded if lost_root is not None else [])
+    ]
     with atomic_output_dir(Path(out), overwrite) as folder:
         folder.chmod(0o755)  # a report is for reading: not the private mode of a temporary folder
-        report: dict = {"model": loaded[0][2], "image_size": image_size, "crop": crop}
-        figures = []
-        if analyses:
-            report.update(model_record(analyses[0]))
-            if len(analyses) > 1:
-                report["compare"] = model_record(analyses[1])
-            (folder / "figures").mkdir()
-            for index, per_model in enumerate(zip(*(a.images for a in analyses))):
-                stem = Path(per_model[0].image).stem
-                figures.append(image_figure(folder, f"figures/image_{index:03d}_{stem}.png", per_model, analyses))
-            figures.append(histogram_figure(folder, "figures/norm_histogram.png", analyses))
-            figures.append(layer_figure(folder, "figures/layer_outliers.png", analyses))
-        if lost_root is not None:
-            report["lost"] = {}
-            (folder / "figures").mkdir(exist_ok=True)
-            for m, processor, name in loaded:
-                result = corloc(m, processor, lost_root, lost_split, image_size, lost_patches, progress)
-                report["lost"][name] = result
-            figures.append(lost_figure(folder, "figures/lost.png", report["lost"]))
-        report["figures"] = figures
-        report.setdefault("images", [])
-        report.setdefault("summary", {"threshold_rule": "none"})
-        (folder / "report.json").write_text(json.dumps(report, indent=1))
-        write_index(folder, report)
-    return report
+        header = {"model": loaded[0][2], "image_size": image_size, "crop": crop}
+        return write_report(folder, analyses, lost_runs, header)
