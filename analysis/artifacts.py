@@ -1,7 +1,7 @@
 """High-norm artifact tokens and CLS attention of a ViTReg model over a set of images: the numbers of the report."""
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ class ImageAnalysis:
     cls_attention: np.ndarray | None  # [heads, h, w] last-layer attention of CLS to every patch
     cls_attention_registers: np.ndarray | None  # [heads, R] last-layer attention of CLS to every register
     threshold: float = 0.0
-    outlier_mask: np.ndarray = field(default=None)  # [h, w] bool, set by `mark_outliers`
+    outlier_mask: np.ndarray | None = None  # [h, w] bool, set by `mark_outliers`
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -164,7 +164,8 @@ def analyze(
     """Analyse `model` on `images` (paths or PIL images): norms, outliers (automatic or fixed threshold), attention.
 
     `image_size` resizes the short side and center-crops square (518: the paper's 37x37 grid); `crop=False` keeps
-    the whole image instead; neither: the model's own preprocessing.
+    the whole image instead; neither: the model's own preprocessing. One threshold per model, from the output norms
+    pooled over all images, so that images are compared on the same scale.
     """
     if image_size is not None:
         check_image_size(image_size, model.config.patch_size)

@@ -44,9 +44,10 @@ def lost(
     order = torch.argsort(degree, stable=True)
     seed = int(order[0])
     candidates = order[: min(k, order.numel())]
-    similar = candidates[similarity[seed, candidates] > 0]  # always holds the seed itself
+    similar = candidates[similarity[seed, candidates] > 0]  # holds the seed itself unless its key is zero
     votes = similarity[similar].sum(dim=0).reshape(rows, cols)  # [h, w]
     mask = component(votes.numpy() > 0, (seed // cols, seed % cols))
+    mask[seed // cols, seed % cols] = True  # degenerate keys (all zero): the seed patch alone
     found = np.argwhere(mask)
     (row0, col0), (row1, col1) = found.min(axis=0), found.max(axis=0) + 1
     return (int(row0), int(col0), int(row1), int(col1)), (seed // cols, seed % cols), mask

@@ -68,6 +68,11 @@ def test_lost_on_keys_picks_the_seeds_component():
     assert mask.sum() == 6
 
 
+def test_lost_on_degenerate_keys_returns_the_seed_patch():
+    box, seed, mask = lost(torch.zeros(12, 4), (3, 4))
+    assert seed == (0, 0) and box == (0, 0, 1, 1) and mask.sum() == 1
+
+
 @pytest.mark.parametrize("width, height, box", SCENES)
 def test_lost_finds_the_bright_object(width, height, box):
     found = lost_image(brightness_model(), image_processor(), scene(width, height, box, seed=width))
