@@ -109,7 +109,8 @@ def build_model(conversion: Conversion, dtype: torch.dtype | None = None) -> Pre
         raise UserError(f"the checkpoint does not match the architecture its shapes describe: {problem}")
     for key, tensor in expected.items():
         if state_dict[key].shape != tensor.shape:
-            raise UserError(f"{key}: shape {list(state_dict[key].shape)}, expected {list(tensor.shape)}")
+            name = conversion.source_names.get(key.removeprefix("vitreg."), key)
+            raise UserError(f"{name}: shape {list(state_dict[key].shape)}, expected {list(tensor.shape)}")
     if dtype is not None:
         state_dict = {key: value.to(dtype) if value.is_floating_point() else value for key, value in state_dict.items()}
     model.load_state_dict(state_dict, strict=True, assign=True)
@@ -142,7 +143,7 @@ def verify_folder(
     folder: Path, conversion: Conversion, source_state: dict[str, torch.Tensor], source: Path
 ) -> dict | None:
     """Reload the written folder and compare every token with an independent implementation; None if there is none."""
-    from transformers import AutoModel
+    from transformers import AutoModel, AutoModelForImageClassification
 
     config = conversion.config
     if conversion.source_format == "transformers":
@@ -153,7 +154,10 @@ def verify_folder(
         return None
     # The references resize position embeddings without DINOv2's 0.1 offset: compare those models at the native size.
     sizes = comparison_sizes(config, native_only=bool(config.interpolate_offset))
-    model = AutoModel.from_pretrained(folder)
+    if conversion.config.num_labels and "classifier.weight" in conversion.state_dict:
+        model = AutoModelForImageClassification.from_pretrained(folder).vitreg  # the tokens come from the backbone
+    else:
+        model = AutoModel.from_pretrained(folder)
     stored_dtype = model.dtype
     differences = max_token_difference(model.float().eval(), reference, sizes)
     worst_size = max(differences, key=differences.get)

@@ -95,16 +95,23 @@ class Conversion:
     state_dict: dict[str, torch.Tensor]
     source_format: str
     notes: list[str] = field(default_factory=list)
+    source_names: dict[str, str] = field(default_factory=dict)  # ViTReg name -> the source's name, for messages
 
 
-def rename(state_dict: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
-    """Apply the first matching `(pattern, replacement)` rule to every key; refuse keys no rule knows."""
+def rename(
+    state_dict: dict[str, torch.Tensor], rules: list[tuple[str, str]], names: dict[str, str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Apply the first matching `(pattern, replacement)` rule to every key; refuse keys no rule knows.
+
+    `names`, when given, receives new name -> old name."""
     compiled = [(re.compile(pattern), replacement) for pattern, replacement in rules]
     renamed, unknown = {}, []
     for key, tensor in state_dict.items():
         for pattern, replacement in compiled:
             if pattern.fullmatch(key):
                 renamed[pattern.sub(replacement, key)] = tensor
+                if names is not None:
+                    names[pattern.sub(replacement, key)] = key
                 break
         else:
             unknown.append(key)
@@ -212,8 +219,8 @@ def convert_vit(state_dict: dict[str, torch.Tensor], source_format: str, num_hea
         raise UserError(f"patch_embed.proj.weight: non-square patches {list(patch.shape[2:])} are not supported")
     depth = _depth(state_dict, r"blocks\.(\d+)\.")
     packed_swiglu = "blocks.0.mlp.w12.weight" in state_dict
-    names = ("mlp.w12", "mlp.w3") if packed_swiglu else ("mlp.fc1", "mlp.fc2")
-    hidden, swiglu = _mlp_shape(state_dict, "blocks.0", names)
+    mlp_names = ("mlp.w12", "mlp.w3") if packed_swiglu else ("mlp.fc1", "mlp.fc2")
+    hidden, swiglu = _mlp_shape(state_dict, "blocks.0", mlp_names)
     registers = state_dict.get("register_tokens", state_dict.get("reg_token"))
     num_registers = registers.shape[1] if registers is not None else 0
     use_cls = "cls_token" in state_dict
@@ -244,7 +251,7 @@ def convert_vit(state_dict: dict[str, torch.Tensor], source_format: str, num_hea
         layerscale_value=1.0 if "blocks.0.ls1.gamma" in state_dict else None,
         qkv_bias="blocks.0.attn.qkv.bias" in state_dict,
         proj_bias="blocks.0.attn.proj.bias" in state_dict,
-        ffn_bias=f"blocks.0.{names[0]}.bias" in state_dict,
+        ffn_bias=f"blocks.0.{mlp_names[0]}.bias" in state_dict,
         layer_norm_eps=1e-6,
         use_cls_token=use_cls,
         cls_token_position_embedding=cls_position,
@@ -253,12 +260,15 @@ def convert_vit(state_dict: dict[str, torch.Tensor], source_format: str, num_hea
         pooling="cls" if use_cls and not fc_norm else "mean",
         **family,
     )
-    converted = rename(state_dict, VIT_RULES)
+    names = {}
+    converted = rename(state_dict, VIT_RULES, names)
     if swiglu and not packed_swiglu:  # timm's packed SwiGLU keeps the fc1/fc2 names
-        converted = {
-            key.replace(".mlp.fc1.", ".mlp.weights_in.").replace(".mlp.fc2.", ".mlp.weights_out."): value
-            for key, value in converted.items()
-        }
+
+        def swiglu_name(key: str) -> str:
+            return key.replace(".mlp.fc1.", ".mlp.weights_in.").replace(".mlp.fc2.", ".mlp.weights_out.")
+
+        converted = {swiglu_name(key): value for key, value in converted.items()}
+        names = {swiglu_name(key): value for key, value in names.items()}
     notes = []
     if "classifier.weight" in converted and fc_norm:
         # timm's head on the fc-normed mean patch token is exactly ViTReg's classifier with use_fc_norm.
@@ -271,7 +281,7 @@ def convert_vit(state_dict: dict[str, torch.Tensor], source_format: str, num_hea
         converted.pop("classifier.weight")
         converted.pop("classifier.bias", None)
         notes.append("dropped timm's CLS-token classifier head (ViTReg's head also reads the mean patch token)")
-    return Conversion(config, converted, source_format, notes)
+    return Conversion(config, converted, source_format, notes, names)
 
 
 def _fuse(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -298,14 +308,15 @@ def convert_transformers(
 ) -> Conversion:
     """transformers Dinov2 / Dinov2WithRegisters (model folder) -> ViTReg."""
     folder_config = folder_config or {}
-    converted = _fuse(rename(state_dict, TRANSFORMERS_RULES))
+    names = {}
+    converted = _fuse(rename(state_dict, TRANSFORMERS_RULES, names))
     patch = _tensor(converted, "embeddings.patch_embeddings.projection.weight", 4)
     dim, channels, patch_size = patch.shape[0], patch.shape[1], patch.shape[2]
     depth = _depth(converted, r"encoder\.layer\.(\d+)\.")
     block = "encoder.layer.0"
-    swiglu_names = f"{block}.mlp.weights_in.weight" in converted
-    names = ("mlp.weights_in", "mlp.weights_out") if swiglu_names else ("mlp.fc1", "mlp.fc2")
-    hidden, swiglu = _mlp_shape(converted, block, names)
+    packed_swiglu = f"{block}.mlp.weights_in.weight" in converted
+    mlp_names = ("mlp.weights_in", "mlp.weights_out") if packed_swiglu else ("mlp.fc1", "mlp.fc2")
+    hidden, swiglu = _mlp_shape(converted, block, mlp_names)
     registers = converted.get("embeddings.register_tokens")
     num_registers = registers.shape[1] if registers is not None else 0
     grid = _grid(_tensor(converted, "embeddings.position_embeddings", 3).shape[1] - 1, "position_embeddings")
@@ -329,7 +340,7 @@ def convert_transformers(
     notes = []
     if not num_registers:
         notes.append("interpolation: DINOv2's official 0.1-offset path (transformers' Dinov2Model resizes without it)")
-    return Conversion(config, converted, "transformers", notes)
+    return Conversion(config, converted, "transformers", notes, names)
 
 
 def to_dinov2(state_dict: dict[str, torch.Tensor], config: ViTRegConfig) -> dict[str, torch.Tensor]:

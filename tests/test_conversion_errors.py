@@ -64,7 +64,7 @@ def broken_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
         "text": (src / "notes.pth", "text file"),
         "broken safetensors": (src / "broken.safetensors", "safetensors"),
         "resnet": (src / "resnet.pth", "not a Vision Transformer"),
-        "wrong shape": (src / "wrong_shape.pth", "qkv.weight: shape [100, 64], expected [192, 64]"),
+        "wrong shape": (src / "wrong_shape.pth", "blocks.0.attn.qkv.weight: shape [100, 64], expected [192, 64]"),
         "missing key": (src / "missing.pth", "missing keys"),
         "unknown key": (src / "unknown.pth", "unknown keys"),
     }
