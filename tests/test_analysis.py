@@ -1,6 +1,7 @@
 """Artifact analysis on a model whose weights plant high-norm tokens at known patches: detection, report, CLI."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -205,6 +206,23 @@ def test_cli_analyze(folders, tmp_path, capsys):
     args = ["analyze", str(folders / "artifacts"), images[0], "--out", str(out), "--overwrite", "--threshold", "1e9"]
     assert main(args) == 0
     assert json.loads((out / "report.json").read_text())["images"][0]["outliers"] == []
+
+
+def test_hub_id_from_the_offline_cache(folders, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--org--planted"
+    shutil.copytree(folders / "artifacts", repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    model, processor = load_model("org/planted")
+    expected = ViTRegModel.from_pretrained(folders / "artifacts")
+    assert torch.equal(model.layernorm.weight, expected.layernorm.weight)
+    assert processor.crop_size == {"height": 224, "width": 224}
+    with pytest.raises(UserError, match="cannot load a model config from org/absent"):
+        load_model("org/absent")
 
 
 def test_bad_inputs_are_one_line_errors(folders, tmp_path, capsys):
