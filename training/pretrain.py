@@ -10,6 +10,7 @@ The loop in `train` reads top to bottom: data -> model -> loss -> step -> log ->
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -159,9 +160,14 @@ def train(
     """Run (or resume) a pretraining run into `output_dir`; returns 0 or raises UserError."""
     output_dir = Path(output_dir)
     check_output_dir(output_dir, resume, overwrite)
-    # DDP: the mask token / iBOT head can sit out a step (no masked patch on a rank), so let DDP look for them.
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=config.objective == "dinov2")
+    # DDP: without the iBOT loss the mask token (and a separate iBOT head) take no part in the step.
+    ddp = DistributedDataParallelKwargs(
+        find_unused_parameters=config.objective == "dinov2" and not config.ibot_loss_weight
+    )
+    # `accelerate launch --multi_gpu` on a machine without accelerators: run the processes on CPU over gloo.
+    cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
     accelerator = Accelerator(
+        cpu=cpu_processes,
         mixed_precision=config.mixed_precision,
         log_with=config.report_to,
         project_dir=str(output_dir),
@@ -236,6 +242,7 @@ def train_loop(accelerator, config, output_dir, resume, overwrite, config_file) 
         with accelerator.autocast():
             loss, parts = objective(student, batch, values)
         if accelerator.reduce((~torch.isfinite(loss.detach())).float().reshape(1), "sum").item() > 0:
+            progress.close()
             last = checkpoint.list_checkpoints(output_dir)
             detail = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
             raise UserError(

@@ -1,0 +1,254 @@
+"""End-to-end pretraining runs on real photos: loss falls, export loads in a pipeline, non-finite loss and bad
+configs stop cleanly, two processes really train together, and a SIGKILLed run resumes to the same weights."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from training import pretrain
+from vitreg import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "horse", "moon")
+
+
+@pytest.fixture(scope="module")
+def photo_dir(tmp_path_factory) -> Path:
+    """An imagefolder of 8 scikit-image photos (about 80 px), in two class subfolders."""
+    from skimage import data
+
+    root = tmp_path_factory.mktemp("photos")
+    for name in PHOTOS:
+        array = np.asarray(getattr(data, name)())
+        if array.dtype == bool:
+            array = array.astype(np.uint8) * 255
+        image = Image.fromarray(array).convert("RGB")
+        image.thumbnail((80, 80))
+        folder = root / ("gray" if array.ndim == 2 else "color")
+        folder.mkdir(exist_ok=True)
+        image.save(folder / f"{name}.png")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Each in-process run builds its own Accelerator."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def command(photo_dir: Path, output_dir: Path, config: str, *extra: str) -> list[str]:
+    return ["--config", config, "--data_dir", str(photo_dir), "--output_dir", str(output_dir), *extra]
+
+
+def test_dinov2_smoke_run_learns_and_exports_the_teacher(photo_dir, tmp_path):
+    out = tmp_path / "run"
+    assert pretrain.main(command(photo_dir, out, "smoke-dinov2", "--num_workers", "1")) == 0
+
+    logged = metrics(out)
+    assert [r["step"] for r in logged] == list(range(5, 41, 5))
+    first, last = logged[0]["loss"], np.mean([r["loss"] for r in logged[-2:]])
+    assert last < 0.95 * first, [round(r["loss"], 3) for r in logged]
+    assert {"dino_loss", "ibot_loss", "koleo_loss", "lr", "images_per_s"} <= set(logged[0])
+    run = json.loads((out / "run.json").read_text())
+    assert run["num_processes"] == 1 and run["config"]["objective"] == "dinov2" and "torch" in run["versions"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000020", "step_00000040"]
+
+    # The export is the EMA teacher's backbone, not the student.
+    exported = load_file(out / "model" / "model.safetensors")
+    objective = load_file(out / "checkpoints" / "step_00000040" / "objective.safetensors")
+    student = load_file(out / "checkpoints" / "step_00000040" / "model.safetensors")
+    name = "embeddings.register_tokens"
+    assert torch.equal(exported[name], objective[f"teacher.backbone.{name}"])
+    assert not torch.equal(
+        exported["encoder.layer.0.mlp.fc1.weight"], student["backbone.encoder.layer.0.mlp.fc1.weight"]
+    )
+
+    from transformers import AutoModel, pipeline
+
+    model = AutoModel.from_pretrained(out / "model")
+    assert model.config.num_register_tokens == 4
+    extractor = pipeline("image-feature-extraction", model=str(out / "model"))
+    features = np.asarray(extractor(Image.open(next(photo_dir.rglob("*.png")))))
+    assert features.shape == (1, 1 + 4 + 16, 64)  # CLS, 4 registers, 4x4 patches of the 32 px crop
+    card = (out / "model" / "README.md").read_text()
+    assert "trained" in card and "dinov2" in card
+
+
+def test_supervised_smoke_run_learns_the_classes(photo_dir, tmp_path):
+    out = tmp_path / "run"
+    flags = [
+        "--num_workers",
+        "1",
+        "--max_steps",
+        "30",
+        "--three_augment",
+        "false",
+        "--color_jitter",
+        "0",
+        "--crop_scale",
+        "[0.6, 1.0]",
+        "--model",
+        "{num_register_tokens: 0}",
+    ]
+    assert pretrain.main(command(photo_dir, out, "smoke-supervised", *flags)) == 0
+    logged = metrics(out)
+    assert np.mean([r["loss"] for r in logged[-2:]]) < 0.75 * logged[0]["loss"], [r["loss"] for r in logged]
+
+    from transformers import pipeline
+
+    classifier = pipeline("image-classification", model=str(out / "model"))
+    labels = {result["label"] for result in classifier(Image.open(next(photo_dir.rglob("*.png"))))}
+    assert labels == {"color", "gray"}
+    assert json.loads((out / "model" / "config.json").read_text())["num_register_tokens"] == 0
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(photo_dir, tmp_path, monkeypatch, capsys):
+    from training import objectives
+
+    calls = {"n": 0}
+    real = objectives.dino_loss
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] >= 5 else loss
+
+    monkeypatch.setattr(objectives, "dino_loss", poisoned)
+    out = tmp_path / "run"
+    flags = ["--num_workers", "0", "--max_steps", "8", "--checkpointing_steps", "3", "--logging_steps", "1"]
+    assert pretrain.main(command(photo_dir, out, "smoke-dinov2", *flags)) == 1
+    error = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(error) == 1
+    error = error[0]
+    assert "not finite at step 5" in error and "step_00000003" in error
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000003"]
+    assert not (out / "model").exists()
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--base_lr", "-1"], "base_lr must be positive"),
+        (["--local_crop_size", "64"], "bigger than global_crop_size"),
+        (["--colour", "red"], None),
+    ],
+)
+def test_bad_values_are_refused_before_training(photo_dir, tmp_path, capsys, flags, message):
+    out = tmp_path / "run"
+    if message is None:  # an unknown flag is argparse's job
+        with pytest.raises(SystemExit):
+            cli.main(["pretrain", *command(photo_dir, out, "smoke-dinov2"), *flags])
+        return
+    assert cli.main(["pretrain", *command(photo_dir, out, "smoke-dinov2"), *flags]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err and err.startswith("vitreg pretrain: error:")
+    assert not out.exists()
+
+
+def test_hub_dataset_offline_is_one_clear_line(tmp_path, capsys):
+    argv = ["--config", "smoke-dinov2", "--dataset", "someone/images", "--output_dir", str(tmp_path / "run")]
+    assert pretrain.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "offline" in err and "--data_dir" in err
+
+
+def subprocess_env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+
+
+def test_two_processes_train_together(photo_dir, tmp_path):
+    out = tmp_path / "run"
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "training.pretrain",
+    ]
+    flags = ["--max_steps", "6", "--batch_size_per_device", "4", "--num_workers", "1", "--logging_steps", "3"]
+    done = subprocess.run(
+        launch + command(photo_dir, out, "smoke-dinov2", *flags),
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["num_processes"] == 2 and run["distributed_type"].endswith("MULTI_CPU")
+    final = out / "checkpoints" / "step_00000006"
+    assert (final / "random_states_0.pkl").exists() and (final / "random_states_1.pkl").exists()
+    logged = metrics(out)
+    assert [r["step"] for r in logged] == [3, 6]
+    # images/s counts the global batch: 2 processes x 4 images per step
+    assert logged[-1]["images_per_s"] == pytest.approx(8 / logged[-1]["step_time_s"])
+    assert (out / "model" / "model.safetensors").exists()
+
+
+def test_sigkill_and_resume_ends_on_the_same_weights(photo_dir, tmp_path):
+    flags = ["--max_steps", "8", "--checkpointing_steps", "3", "--logging_steps", "2", "--num_workers", "2"]
+    train = [sys.executable, "-m", "training.pretrain"]
+    kwargs = dict(cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+
+    whole = tmp_path / "whole"
+    done = subprocess.run(train + command(photo_dir, whole, "smoke-dinov2", *flags), **kwargs)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        train + command(photo_dir, killed, "smoke-dinov2", *flags),
+        cwd=ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 200
+    while not (killed / "checkpoints" / "step_00000003" / "trainer_state.json").exists():
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "model").exists()  # it really died mid-run
+
+    resumed = subprocess.run(
+        train + command(photo_dir, killed, "smoke-dinov2", *flags, "--resume_from_checkpoint", "latest"), **kwargs
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for name in (
+        "model/model.safetensors",
+        "checkpoints/step_00000008/model.safetensors",
+        "checkpoints/step_00000008/objective.safetensors",
+    ):
+        expected, actual = load_file(whole / name), load_file(killed / name)
+        assert expected.keys() == actual.keys()
+        assert max((expected[k] - actual[k]).abs().max().item() for k in expected) <= 1e-6, name
+    assert [r["step"] for r in metrics(killed)] == [2, 4, 6, 8]
+    assert [r["loss"] for r in metrics(killed)] == pytest.approx([r["loss"] for r in metrics(whole)], abs=1e-6)
