@@ -18,24 +18,24 @@ from pathlib import Path
 
 STEP = r"""
 import json, resource, shutil, sys, time
-step, source, target = sys.argv[1:4]
+step, source, target, dtype = sys.argv[1:5]
 import torch, conversion  # imports count towards the baseline, not the step
 baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 start = time.perf_counter()
 if step == "copy":
     shutil.copyfile(source, target)
 else:
-    conversion.convert(source, target, progress=False)
+    conversion.convert(source, target, progress=False, dtype=dtype or None)
 seconds = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps({"seconds": seconds, "peak_rss": peak, "baseline_rss": baseline}))
 """
 
 
-def run_step(step: str, source: Path, target: Path) -> dict:
+def run_step(step: str, source: Path, target: Path, dtype: str = "") -> dict:
     """Run one step in a fresh interpreter and return its time and memory."""
     output = subprocess.run(
-        [sys.executable, "-c", STEP, step, str(source), str(target)],
+        [sys.executable, "-c", STEP, step, str(source), str(target), dtype],
         check=True,
         capture_output=True,
         text=True,
@@ -47,6 +47,7 @@ def run_step(step: str, source: Path, target: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["dinov2_vitl14_reg4", "dinov2_vitg14_reg4"])
+    parser.add_argument("--dtype", default="", help="also convert with this --dtype (e.g. float16)")
     parser.add_argument("--workdir", default=None, help="where to write the checkpoints (default: a temp folder)")
     args = parser.parse_args()
     gib = 2**30
@@ -70,7 +71,13 @@ def main() -> None:
             (workdir / "copy.pth").unlink()
             converted = run_step("convert", source, workdir / name.replace("_", "-"))
             shutil.rmtree(workdir / name.replace("_", "-"))
-            for step, result in (("plain copy", copy), ("vitreg convert", converted)):
+            steps = [("plain copy", copy), ("vitreg convert", converted)]
+            if args.dtype:
+                steps.append(
+                    (f"vitreg convert --dtype {args.dtype}", run_step("convert", source, workdir / "cast", args.dtype))
+                )
+                shutil.rmtree(workdir / "cast")
+            for step, result in steps:
                 extra = result["peak_rss"] - result["baseline_rss"]
                 rows.append(
                     f"| {name} | {size / gib:.2f} | {step} | {result['seconds']:.1f} | {result['peak_rss'] / gib:.2f} "
