@@ -90,7 +90,10 @@ def _load_folder(folder: Path) -> dict[str, torch.Tensor]:
     name = present[0]
     if not name.endswith(".index.json"):
         return load_tensors(folder / name)
-    weight_map = json.loads((folder / name).read_text())["weight_map"]
+    try:
+        weight_map = json.loads((folder / name).read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UserError(f"{folder / name}: not a valid shard index") from None
     tensors = {}
     for shard in sorted(set(weight_map.values())):
         tensors.update(load_tensors(folder / shard))

@@ -66,6 +66,8 @@ def read_source(source: str | Path, num_heads: int | None = None) -> tuple[Conve
 
 def _with_transformers_classifier(conversion: Conversion, tensors: dict, folder_config: dict) -> Conversion:
     # Dinov2ForImageClassification: a linear head on cat(CLS, mean patch) of the last block, as DINOv2's.
+    if "classifier.bias" not in tensors:
+        raise UserError("the classifier has a weight but no bias")
     head = {"classifier.weight": tensors["classifier.weight"], "classifier.bias": tensors["classifier.bias"]}
     labels = {int(index): name for index, name in folder_config.get("id2label", {}).items()} or None
     return attach_head(conversion, head, num_layers=1, labels=labels)
@@ -154,7 +156,7 @@ def verify_folder(
         return None
     # The references resize position embeddings without DINOv2's 0.1 offset: compare those models at the native size.
     sizes = comparison_sizes(config, native_only=bool(config.interpolate_offset))
-    if conversion.config.num_labels and "classifier.weight" in conversion.state_dict:
+    if "classifier.weight" in conversion.state_dict:
         model = AutoModelForImageClassification.from_pretrained(folder).vitreg  # the tokens come from the backbone
     else:
         model = AutoModel.from_pretrained(folder)

@@ -218,3 +218,22 @@ def test_legacy_pickle_format_and_nested_state_dict(tmp_path):
     out = converter.convert(tmp_path / "legacy.pth", tmp_path / "out", progress=False)
     back = torch.load(export_dinov2(out, tmp_path / "back.pth"), weights_only=True)
     assert all(torch.equal(back[key], state[key]) for key in state)
+
+
+def test_verify_a_transformers_folder_against_transformers(tmp_path):
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    config = Dinov2WithRegistersConfig(
+        hidden_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        image_size=56,
+        patch_size=14,
+        num_register_tokens=2,
+        layerscale_value=0.5,
+    )
+    Dinov2WithRegistersModel(config).save_pretrained(tmp_path / "hf")
+    out = converter.convert(tmp_path / "hf", tmp_path / "out", verify=True, progress=False)
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["source_format"] == "transformers" and "source_sha256" not in provenance
+    assert provenance["parity"]["reference"] == "transformers" and provenance["parity"]["max_abs_diff"] <= 1e-5
