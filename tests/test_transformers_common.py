@@ -46,6 +46,34 @@ class ViTRegModelTest(VisionEncoderModelTests, ModelTesterMixin, unittest.TestCa
         no_gradient = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum()]
         self.assertEqual(no_gradient, [])
 
+    def test_torch_compile_fullgraph(self):
+        """The classifier compiles as one graph with inductor (`_can_compile_fullgraph`) and matches eager."""
+        self.addCleanup(torch._dynamo.reset)
+        config, inputs = self.model_tester.prepare_config_and_inputs_for_common()
+        model = ViTRegForImageClassification(config).eval()
+        with torch.no_grad():
+            expected = model(**inputs).logits
+            compiled = torch.compile(model, fullgraph=True)(**inputs).logits
+        torch.testing.assert_close(compiled, expected, rtol=1e-5, atol=1e-5)
+
+    def test_torch_compile_for_training(self):
+        """The suite's compiled-training check (accelerator-only there, and written for text models), on CPU.
+
+        `aot_eager` traces forward and backward through AOTAutograd as inductor does, without the C++ code
+        generation that takes a minute on CPU.
+        """
+        self.addCleanup(torch._dynamo.reset)
+        config, inputs = self.model_tester.prepare_config_and_inputs_for_common()
+        config.drop_path_rate = 0.0
+        model = ViTRegForImageClassification(config).train()
+        labels = torch.arange(self.model_tester.batch_size) % config.num_labels
+        model(**inputs, labels=labels).loss.backward()
+        expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+        model.zero_grad()
+        torch.compile(model, fullgraph=True, backend="aot_eager")(**inputs, labels=labels).loss.backward()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-4, msg=name)
+
 
 class ViTRegBackboneTest(VisionEncoderBackboneTests, BackboneTesterMixin, unittest.TestCase):
     family = VITREG
