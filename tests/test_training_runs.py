@@ -252,3 +252,14 @@ def test_sigkill_and_resume_ends_on_the_same_weights(photo_dir, tmp_path):
         assert max((expected[k] - actual[k]).abs().max().item() for k in expected) <= 1e-6, name
     assert [r["step"] for r in metrics(killed)] == [2, 4, 6, 8]
     assert [r["loss"] for r in metrics(killed)] == pytest.approx([r["loss"] for r in metrics(whole)], abs=1e-6)
+
+
+def test_a_finished_run_is_not_overwritten_by_accident(photo_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text("{}")
+    assert pretrain.main(command(photo_dir, out, "smoke-dinov2")) == 1
+    assert "--resume_from_checkpoint latest, or --overwrite" in capsys.readouterr().err
+    missing = ["--resume_from_checkpoint", str(tmp_path / "nowhere")]
+    assert pretrain.main(command(photo_dir, out, "smoke-dinov2", *missing)) == 1
+    assert "is not a checkpoint folder" in capsys.readouterr().err
