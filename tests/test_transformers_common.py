@@ -3,6 +3,9 @@
 The suite comes from the transformers sdist (`python scripts/fetch_transformers_tests.py`, run by `make test`'s
 set-up); this module fails at collection, naming that command, when it is missing. `ModelTesterMixin`,
 `BackboneTesterMixin` and `ConfigTester` run unmodified; `tests/transformers_suite/` holds the model tester.
+`PipelineTesterMixin` is not wired: it downloads tiny Hub checkpoints and its pipeline tests are not in the sdist
+(the pipelines have their own offline tests). The same suite on transformers' Dinov2WithRegisters, for comparison:
+`python -m pytest tests/transformers_suite/dinov2_with_registers_suite.py`.
 """
 
 import unittest
@@ -45,6 +48,24 @@ class ViTRegModelTest(VisionEncoderModelTests, ModelTesterMixin, unittest.TestCa
         model(pixel_values, bool_masked_pos=bool_masked_pos).last_hidden_state.square().mean().backward()
         no_gradient = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum()]
         self.assertEqual(no_gradient, [])
+
+    def test_every_attention_implementation_matches_eager(self):
+        """eager, sdpa and flex attention give the same tokens, and attention weights whichever is set."""
+        config, inputs = self.model_tester.prepare_config_and_inputs_for_common()
+        model = ViTRegModel(config).eval()
+        model.set_attn_implementation("eager")
+        with torch.no_grad():
+            expected = model(**inputs, output_attentions=True)
+            for implementation in ("sdpa", "flex_attention"):
+                model.set_attn_implementation(implementation)
+                outputs = model(**inputs)
+                torch.testing.assert_close(outputs.last_hidden_state, expected.last_hidden_state, rtol=1e-5, atol=1e-5)
+                # Attention weights exist only in eager attention: asking for them runs that, whatever is set.
+                attentions = model(**inputs, output_attentions=True).attentions
+                self.assertEqual(len(attentions), config.num_hidden_layers)
+                for got, want in zip(attentions, expected.attentions):
+                    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+                self.assertEqual(model.config._attn_implementation, implementation)
 
     def test_torch_compile_fullgraph(self):
         """The classifier compiles as one graph with inductor (`_can_compile_fullgraph`) and matches eager."""
