@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -208,6 +209,8 @@ def train_loop(accelerator, config, output_dir, resume, overwrite, config_file) 
         output_dir.mkdir(parents=True, exist_ok=True)
         if resumed_from is None:
             metrics_path.unlink(missing_ok=True)
+        if overwrite and resume is None:  # a fresh run must never resume from the old run's checkpoints
+            shutil.rmtree(checkpoint.checkpoints_dir(output_dir), ignore_errors=True)
         restart_metrics(metrics_path, start_step)
         write_run_info(
             output_dir / "run.json",
