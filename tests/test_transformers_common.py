@@ -31,6 +31,25 @@ VITREG = VisionEncoderFamily(
     config_tester_kwargs={"hidden_size": 37, "num_attention_heads": 1},
 )
 
+# timm's register ViTs without CLS token (`vit_*_reg4_gap_256`), with DINOv2 ViT-g's SwiGLU, no LayerScale and no
+# qkv bias: every switch off its DINOv2 default, through the same suite.
+VITREG_GAP = VisionEncoderFamily(
+    model_type=ViTRegConfig.model_type,
+    config_class=ViTRegConfig,
+    model_class=ViTRegModel,
+    classification_class=ViTRegForImageClassification,
+    backbone_class=ViTRegBackbone,
+    config_kwargs={
+        "use_cls_token": False,
+        "pooling": "mean",
+        "use_fc_norm": True,
+        "use_swiglu_ffn": True,
+        "layerscale_value": None,
+        "qkv_bias": False,
+    },
+    config_tester_kwargs={"hidden_size": 37, "num_attention_heads": 1},
+)
+
 
 class ViTRegModelTest(VisionEncoderModelTests, ModelTesterMixin, unittest.TestCase):
     family = VITREG
@@ -94,6 +113,12 @@ class ViTRegModelTest(VisionEncoderModelTests, ModelTesterMixin, unittest.TestCa
         torch.compile(model, fullgraph=True, backend="aot_eager")(**inputs, labels=labels).loss.backward()
         for name, p in model.named_parameters():
             torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-4, msg=name)
+
+
+class ViTRegGapModelTest(VisionEncoderModelTests, ModelTesterMixin, unittest.TestCase):
+    family = VITREG_GAP
+    all_model_classes = VITREG_GAP.all_model_classes
+    test_can_init_all_missing_weights_before_2023 = True
 
 
 class ViTRegBackboneTest(VisionEncoderBackboneTests, BackboneTesterMixin, unittest.TestCase):

@@ -111,7 +111,9 @@ class VisionEncoderModelTester:
         self.initializer_range = initializer_range
         self.num_register_tokens = num_register_tokens
         num_patches = (image_size // patch_size) ** 2
-        self.seq_length = 1 + num_register_tokens + num_patches  # [CLS, registers, patches]
+        # [CLS, registers, patches]; ViTReg describing timm's "gap" models has no CLS token.
+        num_prefix_tokens = int(family.config_kwargs.get("use_cls_token", True)) + num_register_tokens
+        self.seq_length = num_prefix_tokens + num_patches
         self.mask_length = num_patches  # bool_masked_pos covers the patches only
         self.num_masks = int(mask_ratio * self.seq_length)
 
