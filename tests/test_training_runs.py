@@ -41,9 +41,13 @@ def photo_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Each in-process run builds its own Accelerator."""
+def _fresh_accelerate_state_one_thread():
+    """Each in-process run builds its own Accelerator; one intra-op thread, as tiny ops on a shared machine run
+    many times faster without OpenMP threads competing for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(threads)
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -171,7 +175,13 @@ def test_hub_dataset_offline_is_one_clear_line(tmp_path, capsys):
 
 
 def subprocess_env() -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+    }
 
 
 def test_two_processes_train_together(photo_dir, tmp_path):

@@ -51,6 +51,7 @@ class TrainConfig:
     report_to: str | None = None  # "tensorboard", or any tracker accelerate knows
     mixed_precision: str | None = None  # None: what `accelerate launch` / `accelerate config` chose
     gradient_checkpointing: bool = False
+    num_threads: int | None = None  # intra-op CPU threads per process (None: torch's default); 1 suits tiny models
     peak_tflops: float | None = None  # accelerator peak (e.g. 989 for H100/H200 bf16): enables the MFU column
 
     # optimisation (AdamW)
@@ -176,7 +177,7 @@ def coerce(key: str, value):
         return tuple(float(v) for v in value)
     if isinstance(default, bool):
         ok = isinstance(value, bool)
-    elif isinstance(default, int):
+    elif isinstance(default, int) or annotation.startswith("int"):
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif isinstance(default, float) or "float" in annotation:
         ok = is_number(value)
@@ -210,6 +211,7 @@ def validate(c: TrainConfig) -> None:
         need(getattr(c, key) > 0, f"{key} must be positive, got {getattr(c, key)}")
     for key in NON_NEGATIVE_KEYS:
         need(getattr(c, key) >= 0, f"{key} must be >= 0, got {getattr(c, key)}")
+    need(c.num_threads is None or c.num_threads > 0, f"num_threads must be positive, got {c.num_threads}")
     need(c.base_lr > 0, f"base_lr must be positive, got {c.base_lr}")
     need(c.min_lr <= c.base_lr, f"min_lr ({c.min_lr}) must not exceed base_lr ({c.base_lr})")
     for key in ("student_temp", "teacher_temp", "warmup_teacher_temp", "layerwise_decay", "patch_embed_lr_mult"):

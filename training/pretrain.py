@@ -174,10 +174,14 @@ def train(
         project_dir=str(output_dir),
         kwargs_handlers=[ddp],
     )
+    threads = torch.get_num_threads()
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
     try:
         return train_loop(accelerator, config, output_dir, resume, overwrite, config_file)
     finally:
         accelerator.end_training()  # also tears down the process group
+        torch.set_num_threads(threads)
 
 
 def train_loop(accelerator, config, output_dir, resume, overwrite, config_file) -> int:
