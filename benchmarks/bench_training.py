@@ -69,6 +69,8 @@ def bare_step_seconds(config, steps: int) -> float:
     loader = pretrain.build_data(config, images, model_config.patch_size, 0, 1, 0)
     batch = next(iter(loader))
     del loader
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.num_threads or threads)  # as the loop does
     values = schedules.values_at(config.warmup_steps, config, config.peak_lr(1))
     schedules.apply(optimizer, values)
     student.train()
@@ -80,6 +82,7 @@ def bare_step_seconds(config, steps: int) -> float:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
+    torch.set_num_threads(threads)
     return statistics.median(times[1:])
 
 
@@ -112,8 +115,8 @@ def main() -> None:
         else f"{config.global_crop_size} px"
     )
     print(
-        f"\n### Training loop overhead ({args.objective}, {torch.get_num_threads()} CPU threads, "
-        f"{config.num_workers} loader workers, {args.rounds} interleaved rounds)\n"
+        f"\n### Training loop overhead ({args.objective}, {config.num_threads or torch.get_num_threads()} intra-op "
+        f"thread(s), {config.num_workers} loader workers, best of {args.rounds} interleaved rounds)\n"
     )
     print("| model | crops | batch | loop step (ms) | bare step (ms) | loop images/s | bare images/s | overhead |")
     print("|---|---|---|---|---|---|---|---|")
