@@ -5,18 +5,18 @@ write_random_checkpoint("dinov2_vits14_reg4_pretrain.pth", "dinov2_vits14_reg4",
 convert("dinov2_vits14_reg4_pretrain.pth", "dinov2-vits14-reg4", verify=True)
 """
 
-from .architectures import OFFICIAL_ARCHITECTURES, OfficialArchitecture
+from .architectures import OFFICIAL_ARCHITECTURES, official_config
 from .checkpoints import load_tensors, random_head_state_dict, random_official_state_dict, write_random_checkpoint
 from .converter import build_model, convert, convert_batch, export_dinov2, read_source
 from .layouts import Conversion, to_dinov2
 
 __all__ = [
     "OFFICIAL_ARCHITECTURES",
-    "OfficialArchitecture",
     "Conversion",
     "build_model",
     "convert",
     "convert_batch",
+    "official_config",
     "export_dinov2",
     "load_tensors",
     "random_head_state_dict",

@@ -166,9 +166,9 @@ def random_official_state_dict(
     arch = OFFICIAL_ARCHITECTURES[name]
     dim = hidden_size or arch.hidden_size
     depth = num_hidden_layers or arch.num_hidden_layers
-    hidden = arch.intermediate_size
-    if hidden_size:  # DINOv2's rule: 4x the width; SwiGLU keeps two thirds of it, rounded up to a multiple of 8
-        hidden = (int(4 * dim * 2 / 3) + 7) // 8 * 8 if arch.use_swiglu_ffn else 4 * dim
+    swiglu = arch.ffn == "swiglu"
+    # DINOv2's rule: 4x the width; SwiGLU keeps two thirds of it, rounded up to a multiple of 8 (ViT-g: 4096).
+    hidden = (int(4 * dim * 2 / 3) + 7) // 8 * 8 if swiglu else 4 * dim
     grid = image_size // patch_size
     generator = torch.Generator().manual_seed(seed)
 
@@ -198,7 +198,7 @@ def random_official_state_dict(
         state.update(linear(f"{prefix}.attn.proj", dim, dim))
         state[f"{prefix}.ls1.gamma"] = rand(dim, scale=0.1, shift=0.5)
         state.update(norm(f"{prefix}.norm2"))
-        if arch.use_swiglu_ffn:
+        if swiglu:
             state.update(linear(f"{prefix}.mlp.w12", 2 * hidden, dim))
             state.update(linear(f"{prefix}.mlp.w3", dim, hidden))
         else:

@@ -37,7 +37,6 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 MAX_SHARD_SIZE = "2GB"  # ViT-g (4.5 GB in float32) comes out in 3 shards
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-2, torch.bfloat16: 2e-1}
 OFFICIAL_FILE = re.compile(r"(dinov2_vit[sblg]14(?:_reg4)?)_pretrain\.pth")
-HUB_NAMES = {"s": "small", "b": "base", "l": "large", "g": "giant"}  # facebook/dinov2[-with-registers]-<size>
 
 
 def read_source(source: str | Path, num_heads: int | None = None) -> tuple[Conversion, dict[str, torch.Tensor]]:
@@ -130,9 +129,7 @@ def provenance_of(source: Path, conversion: Conversion, head: Path | None, progr
         provenance["source_sha256"] = sha256(source, progress)
     official = match_official(conversion.config)
     if official and conversion.source_format == "dinov2-hub":
-        size = official.name.split("_vit")[1][0]
-        registers = "-with-registers" if official.num_register_tokens else ""
-        provenance.update(official_name=official.name, base_model=f"facebook/dinov2{registers}-{HUB_NAMES[size]}")
+        provenance.update(official_name=official.name, base_model=official.base_model)
     if conversion.source_format.startswith("dinov2") or conversion.source_format == "transformers":
         provenance.update(license="apache-2.0", dinov2=True)
     if head is not None:
@@ -258,7 +255,7 @@ def convert_batch(source_dir: str | Path, output_dir: str | Path, *, overwrite: 
         raise UserError(f"{source_dir}: no official DINOv2 files (dinov2_vit{{s,b,l,g}}14[_reg4]_pretrain.pth)")
     jobs = []
     for name, backbone, heads in found:
-        folder = OFFICIAL_ARCHITECTURES[name].folder_name
+        folder = OFFICIAL_ARCHITECTURES[name].repo_name
         jobs.append((backbone, output_dir / folder, None))
         jobs.extend((backbone, output_dir / f"{folder}-{kind}", head) for kind, head in heads.items())
     for _, target, _ in jobs:  # refuse before converting anything

@@ -72,7 +72,7 @@ def test_every_official_architecture_matches_timm(name, monkeypatch):
     assert conversion.source_format == "dinov2-hub"
     assert (config.num_register_tokens, config.use_swiglu_ffn, config.image_size) == (
         arch.num_register_tokens,
-        arch.use_swiglu_ffn,
+        arch.ffn == "swiglu",
         518,
     )
     assert config.interpolate_antialias == bool(arch.num_register_tokens)
