@@ -47,6 +47,7 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def make_vitreg(config: ViTRegConfig, seed: int = 0) -> ViTRegModel:
+    """A ViTRegModel in eval mode with random, non-trivial weights."""
     return randomize_(ViTRegModel(config), seed)
 
 
@@ -157,10 +158,12 @@ def make_transformers(model: ViTRegModel) -> nn.Module:
 
 
 def images(height: int, width: int, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    """A reproducible batch of random `[B, 3, height, width]` images."""
     return torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(seed))
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute difference of two same-shaped tensors (0 for empty ones)."""
     assert a.shape == b.shape, (a.shape, b.shape)
     return (a - b).abs().max().item() if a.numel() else 0.0
 

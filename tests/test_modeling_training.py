@@ -15,6 +15,7 @@ TOL = 1e-5
 
 
 def run(model, pixels, **kwargs):
+    """Forward pass without autograd."""
     with torch.no_grad():
         return model(pixels, **kwargs)
 
@@ -61,6 +62,7 @@ def gradients(model: torch.nn.Module, pixels: torch.Tensor, **inputs) -> dict[st
 
 
 def model_and_inputs(kind: str):
+    """A randomised ViTReg model, classifier or backbone and the extra inputs its training step takes."""
     config = parity_config(num_labels=3, out_features=["stage1", "stage3"])
     if kind == "model":
         mask = torch.zeros(2, 88, dtype=torch.bool)
