@@ -61,8 +61,9 @@ def loop_step_seconds(config, output_dir: Path) -> float:
     return statistics.mean(w["step_time_s"] for w in windows)
 
 
-def bare_step_seconds(config, steps: int) -> float:
-    """Median time of forward + loss + backward + AdamW step on one fixed batch."""
+def bare_step_seconds(config, steps: int) -> tuple[float, float]:
+    """Median times of (forward + loss + backward + AdamW step) and of the same plus clipping and the EMA update,
+    alternating on one fixed batch."""
     images = data.load_images(config)
     student, objective, model_config, _ = pretrain.build_model(config, images)
     optimizer = torch.optim.AdamW(schedules.param_groups(student, model_config.num_hidden_layers, config))
@@ -74,16 +75,21 @@ def bare_step_seconds(config, steps: int) -> float:
     values = schedules.values_at(config.warmup_steps, config, config.peak_lr(1))
     schedules.apply(optimizer, values)
     student.train()
-    times = []
-    for _ in range(steps + 1):
+    times = {False: [], True: []}
+    for i in range(2 * steps + 2):
+        full = bool(i % 2)
         start = time.perf_counter()
         loss, _ = objective(student, batch, values)
         loss.backward()
+        if full:
+            torch.nn.utils.clip_grad_norm_(student.parameters(), config.clip_grad)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
+        if full:
+            objective.update_teacher(student, values.momentum)
+        times[full].append(time.perf_counter() - start)
     torch.set_num_threads(threads)
-    return statistics.median(times[1:])
+    return statistics.median(times[False][1:]), statistics.median(times[True][1:])
 
 
 def main() -> None:
@@ -99,14 +105,19 @@ def main() -> None:
         overrides = {**BENCH, "max_steps": args.steps, "data_dir": str(write_photos(Path(tmp) / "photos"))}
         overrides.update({k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)})
         config = load_config(f"smoke-{args.objective}", overrides)
-        loop, bare = [], []
+        loop, bare, full = [], [], []
         for round_index in range(args.rounds):
             loop.append(loop_step_seconds(config, Path(tmp) / "run"))
-            bare.append(bare_step_seconds(config, args.steps - config.logging_steps))
-            print(f"round {round_index}: loop {1000 * loop[-1]:.1f} ms/step, bare {1000 * bare[-1]:.1f} ms/step")
+            plain, with_ema = bare_step_seconds(config, args.steps - config.logging_steps)
+            bare.append(plain)
+            full.append(with_ema)
+            print(
+                f"round {round_index}: loop {1000 * loop[-1]:.1f}, bare {1000 * plain:.1f}, "
+                f"bare + clip + EMA {1000 * with_ema:.1f} ms/step"
+            )
 
     # The least-disturbed round of each kind: on a shared machine, other work only ever adds time.
-    loop_s, bare_s = min(loop), min(bare)
+    loop_s, bare_s, full_s = min(loop), min(bare), min(full)
     batch = config.batch_size_per_device
     m = config.model
     crops = (
@@ -118,12 +129,16 @@ def main() -> None:
         f"\n### Training loop overhead ({args.objective}, {config.num_threads or torch.get_num_threads()} intra-op "
         f"thread(s), {config.num_workers} loader workers, best of {args.rounds} interleaved rounds)\n"
     )
-    print("| model | crops | batch | loop step (ms) | bare step (ms) | loop images/s | bare images/s | overhead |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| model | crops | batch | loop step (ms) | bare step (ms) | bare + clip + EMA (ms) | loop images/s "
+        "| bare images/s | loop overhead over bare | over bare + clip + EMA |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     print(
         f"| D={m['hidden_size']} L={m['num_hidden_layers']} p={m['patch_size']} R={m.get('num_register_tokens', 4)} "
-        f"| {crops} | {batch} | {1000 * loop_s:.1f} | {1000 * bare_s:.1f} | {batch / loop_s:.1f} | "
-        f"{batch / bare_s:.1f} | {100 * (loop_s / bare_s - 1):+.1f}% |"
+        f"| {crops} | {batch} | {1000 * loop_s:.1f} | {1000 * bare_s:.1f} | {1000 * full_s:.1f} | "
+        f"{batch / loop_s:.1f} | {batch / bare_s:.1f} | {100 * (loop_s / bare_s - 1):+.1f}% | "
+        f"{100 * (loop_s / full_s - 1):+.1f}% |"
     )
 
 
