@@ -66,6 +66,62 @@ def feature_extraction(workdir: Path, photos: list[Path]) -> None:
     print(f"{2 * len(images)} pipeline calls in {seconds:.2f} s ({seconds / (2 * len(images)) * 1e3:.0f} ms/image)")
 
 
+def conversion(workdir: Path) -> Path:
+    """Write a ViT-S/14 reg4 checkpoint in the official layout (random values), convert it and verify every token."""
+    from conversion import convert, write_random_checkpoint
+
+    banner("2. converting an official-layout DINOv2 checkpoint (dinov2_vits14_reg4, random values)")
+    source = write_random_checkpoint(workdir / "official" / "dinov2_vits14_reg4_pretrain.pth", "dinov2_vits14_reg4")
+    print(f"wrote {source} ({source.stat().st_size / 2**20:.0f} MiB, the official key names and shapes)")
+    start = time.perf_counter()
+    folder = convert(source, workdir / "dinov2-vits14-reg4", overwrite=True, verify=True)
+    print(f"converted into {folder} in {time.perf_counter() - start:.1f} s")
+    return folder
+
+
+def pretraining(workdir: Path, photos: list[Path]) -> Path:
+    """Pretrain a tiny ViT with 4 registers DINOv2-style on the photos; extract features with the exported teacher."""
+    from transformers import pipeline
+
+    from vitreg.cli import main as vitreg
+
+    banner("3. DINOv2-style pretraining of a tiny ViT with registers on the photos (training/configs/smoke-dinov2.yaml)")
+    run_dir = workdir / "pretrain-smoke"
+    command = ["pretrain", "--config", "smoke-dinov2", "--data_dir", str(photos[0].parent), "--output_dir",
+               str(run_dir), "--overwrite"]  # fmt: skip
+    print("vitreg " + " ".join(command))
+    if vitreg(command) != 0:
+        raise SystemExit("demo: pretraining failed")
+    model_dir = run_dir / "model"
+    extractor = pipeline("image-feature-extraction", model=str(model_dir))
+    features = np.asarray(extractor(Image.open(photos[0]), pool=True))
+    print(f"the exported teacher loads with pipeline(): CLS feature of {photos[0].name} has shape {features.shape}")
+    return model_dir
+
+
+def publishing(model_dir: Path) -> None:
+    """Rewrite the trained model's card and dry-run its publication (no network, no token)."""
+    import model_cards
+    from model_cards.publish import publish_folder, report
+
+    banner("4. model card and a dry-run publish")
+    card = model_cards.write_card(model_dir, model_cards.read_provenance(model_dir), repo_id="vitreg-demo/tiny-reg4")
+    print(f"card metadata: {card.data.to_dict()}")
+    report(publish_folder(model_dir, "vitreg-demo/tiny-reg4", dry_run=True), dry_run=True)
+
+
+def analysis(workdir: Path, model_dir: Path, photos: list[Path]) -> None:
+    """Measure token norms, outliers and CLS attention of the trained model on the photos."""
+    from analysis import run_analysis
+
+    banner("5. artifact analysis of the trained model on the same photos")
+    out = workdir / "analysis"
+    report = run_analysis(model_dir, photos, out, image_size=224, overwrite=True)
+    summary = report["summary"]
+    print(f"high-norm patch tokens: {summary['outlier_fraction']:.2%} of patches")
+    print(f"report: {out / 'report.json'}\nfigures and summary: {out / 'index.html'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vitreg.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("demo-output"))
@@ -74,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     photos = write_photos(args.workdir / "photos")
     print(f"{len(photos)} photos from scikit-image in {args.workdir / 'photos'}")
     feature_extraction(args.workdir, photos)
+    conversion(args.workdir)
+    model_dir = pretraining(args.workdir, photos)
+    publishing(model_dir)
+    analysis(args.workdir, model_dir, photos)
+    banner(f"done: everything is in {args.workdir}/")
     return 0
 
 
