@@ -189,7 +189,7 @@ def main() -> None:
                 order = list(peers)
                 random.shuffle(order)  # interleaved, in a new order each round
                 for name in order:
-                    times[name].append(time_call(lambda n=name: outputs[n](peers[n], x), args.repeats))
+                    times[name].append(time_call(lambda n=name, x=x: outputs[n](peers[n], x), args.repeats))
                 matmul.append(matmul_gflops())
         peak = statistics.median(matmul)
         flops = forward_flops(vitreg.config, size, size) * batch

@@ -85,7 +85,7 @@ def pretraining(workdir: Path, photos: list[Path]) -> Path:
 
     from vitreg.cli import main as vitreg
 
-    banner("3. DINOv2-style pretraining of a tiny ViT with registers on the photos (training/configs/smoke-dinov2.yaml)")
+    banner("3. DINOv2-style pretraining of a tiny ViT with registers on the photos (configs/smoke-dinov2.yaml)")
     run_dir = workdir / "pretrain-smoke"
     command = ["pretrain", "--config", "smoke-dinov2", "--data_dir", str(photos[0].parent), "--output_dir",
                str(run_dir), "--overwrite"]  # fmt: skip
