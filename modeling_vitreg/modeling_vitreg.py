@@ -447,15 +447,15 @@ class ViTRegModel(ViTRegPreTrainedModel):
         `return_class_token`.
         """
         depth = self.config.num_hidden_layers
-        blocks = list(range(depth - n, depth)) if isinstance(n, int) else list(n)
+        # Like DINOv2: the blocks come back in block order, each once, whatever order the list gives.
+        blocks = list(range(depth - n, depth)) if isinstance(n, int) else sorted(set(n))
         if not blocks or any(not 0 <= b < depth for b in blocks):
             raise ValueError(f"blocks to take must lie in [0, {depth}), got {n}")
         rows, cols = self.num_patch_grid(pixel_values)
         _, kept = self.forward_blocks(pixel_values, keep=[b + 1 for b in blocks])
-        by_block = dict(zip(sorted(set(blocks)), kept))
         outputs = []
-        for block in blocks:
-            tokens = self.layernorm(by_block[block]) if norm else by_block[block]
+        for hidden_state in kept:
+            tokens = self.layernorm(hidden_state) if norm else hidden_state
             cls_token, _, patches = split_tokens(self.config, tokens)
             if reshape:
                 patches = patches.reshape(patches.shape[0], rows, cols, -1).permute(0, 3, 1, 2).contiguous()

@@ -120,6 +120,18 @@ def test_intermediate_layers_match_hidden_states():
     assert max_diff(maps[0][:, :, 2, 7], last[:, 2 * 11 + 7]) <= TOL  # row 2, column 7
 
 
+def test_intermediate_layers_come_in_block_order_once_each():
+    model = make_vitreg(parity_config())
+    pixels = images(32, 32)
+    with torch.no_grad():
+        unordered = model.get_intermediate_layers(pixels, n=[1, 0, 1])
+        ordered = model.get_intermediate_layers(pixels, n=[0, 1])
+    # DINOv2 walks the blocks and keeps those in the list: block order, no repeats.
+    assert len(unordered) == 2
+    assert all(torch.equal(a, b) for a, b in zip(unordered, ordered))
+    assert not torch.equal(ordered[0], ordered[1])
+
+
 def linear_head_features(model: ViTRegForImageClassification, pixels: torch.Tensor, layers: int, registers: bool):
     """DINOv2's linear / linear4 head input, by hand from hidden states (optionally with the registers' bug)."""
     hidden = model.vitreg(pixels, output_hidden_states=True).hidden_states
