@@ -13,7 +13,6 @@ import torch
 from conftest import tiny_config
 from test_modeling_parity import max_diff, randomize_
 from transformers import AutoImageProcessor, pipeline
-from transformers.utils import logging as transformers_logging
 
 from modeling_vitreg import ViTRegBackbone, ViTRegForImageClassification, ViTRegModel
 from vitreg.hub import save_model_folder
@@ -26,7 +25,6 @@ REVISION = "0123456789abcdef0123456789abcdef01234567"
 @pytest.fixture(scope="module")
 def classifier_folder(tmp_path_factory):
     """A tiny ViTRegForImageClassification with named labels, saved as ViTReg saves every model."""
-    transformers_logging.set_verbosity_error()
     torch.manual_seed(0)
     config = tiny_config(id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
     model = randomize_(ViTRegForImageClassification(config))
