@@ -271,9 +271,17 @@ class ViTRegLayer(GradientCheckpointingLayer):
 
     def forward(self, hidden_states: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> torch.Tensor:
         attn_output, _ = self.attention(self.norm1(hidden_states), **kwargs)
-        hidden_states = hidden_states + self.drop_path(self.layer_scale1(attn_output))
+        hidden_states = self.add_branch(hidden_states, attn_output, self.layer_scale1)
         mlp_output = self.mlp(self.norm2(hidden_states))
-        return hidden_states + self.drop_path(self.layer_scale2(mlp_output))
+        return self.add_branch(hidden_states, mlp_output, self.layer_scale2)
+
+    def add_branch(self, residual: torch.Tensor, branch: torch.Tensor, layer_scale: nn.Module) -> torch.Tensor:
+        """`residual + drop_path(layer_scale(branch))`."""
+        dropping = self.training and isinstance(self.drop_path, ViTRegDropPath)
+        if isinstance(layer_scale, ViTRegLayerScale) and not dropping:
+            # One fused multiply-add instead of two passes over [B, N, D] (see BENCHMARKS.md, inference).
+            return torch.addcmul(residual, layer_scale.lambda1, branch)
+        return residual + self.drop_path(layer_scale(branch))
 
 
 class ViTRegEncoder(nn.Module):
