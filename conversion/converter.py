@@ -25,6 +25,7 @@ from .layouts import (
     to_dinov2,
     unchunk_blocks,
 )
+from .memory import cast_releasing
 from .reference import (
     comparison_sizes,
     max_token_difference,
@@ -90,7 +91,9 @@ def attach_head(
     return conversion
 
 
-def build_model(conversion: Conversion, dtype: torch.dtype | None = None) -> PreTrainedModel:
+def build_model(
+    conversion: Conversion, dtype: torch.dtype | None = None, source: Path | None = None
+) -> PreTrainedModel:
     """A ViTReg model holding the converted tensors themselves (built on the meta device: no second copy)."""
     state_dict = conversion.state_dict
     classify = "classifier.weight" in state_dict
@@ -113,7 +116,7 @@ def build_model(conversion: Conversion, dtype: torch.dtype | None = None) -> Pre
             name = conversion.source_names.get(key.removeprefix("vitreg."), key)
             raise UserError(f"{name}: shape {list(state_dict[key].shape)}, expected {list(tensor.shape)}")
     if dtype is not None:
-        state_dict = {key: value.to(dtype) if value.is_floating_point() else value for key, value in state_dict.items()}
+        state_dict = cast_releasing(state_dict, dtype, source)  # `source`: the mapped file whose pages can go
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model.eval()
 
@@ -201,7 +204,7 @@ def convert(
         conversion = attach_head(conversion, weights, num_layers, labels)
     for note in conversion.notes:
         print(f"note: {note}")
-    model = build_model(conversion, dtype)
+    model = build_model(conversion, dtype, source)
     provenance = provenance_of(source, conversion, head, progress)
     save_model_folder(model, output_dir, provenance, overwrite=overwrite, max_shard_size=MAX_SHARD_SIZE)
     del model
