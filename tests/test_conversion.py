@@ -311,12 +311,12 @@ def test_real_vits14_reg4_shape_matches_timm(tmp_path):
 
     from conversion.checkpoints import read_folder_config
 
-    provenance = json.loads((folder / "provenance.json").read_text()) if (folder / "provenance.json").exists() else None
+    provenance = json.loads((folder / "provenance.json").read_text())
     model = AutoModel.from_pretrained(folder).eval()
     assert model.num_parameters() == sum(value.numel() for value in state.values())
     assert read_folder_config(folder)["auto_map"]["AutoModel"].endswith("ViTRegModel")
-    if provenance is not None:
-        assert provenance["official_name"] == "dinov2_vits14_reg4"
+    assert provenance["official_name"] == "dinov2_vits14_reg4"
+    assert provenance["base_model"] == "facebook/dinov2-with-registers-small"
     reference = timm_reference(state, "dinov2-hub", model.config)
     differences = max_token_difference(model, reference, sizes(14, 518))
     assert max(differences.values()) <= TOL, differences
