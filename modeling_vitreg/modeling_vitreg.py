@@ -364,10 +364,6 @@ class ViTRegPreTrainedModel(PreTrainedModel):
         elif isinstance(module, ViTRegLayerScale):
             init.constant_(module.lambda1, self.config.layerscale_value)
 
-    def num_patch_grid(self, pixel_values: torch.Tensor) -> tuple[int, int]:
-        """The `(rows, cols)` patch grid of a batch of images."""
-        return grid_size(self.config, pixel_values.shape[-2], pixel_values.shape[-1])
-
 
 def split_tokens(config: ViTRegConfig, tokens: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """`[B, P + HW, D]` -> CLS `[B, D]` (or None), registers `[B, R, D]`, patches `[B, HW, D]`."""
@@ -375,6 +371,11 @@ def split_tokens(config: ViTRegConfig, tokens: torch.Tensor) -> tuple[torch.Tens
     start = int(config.use_cls_token)
     registers = tokens[:, start : start + config.num_register_tokens]
     return cls_token, registers, tokens[:, config.num_prefix_tokens :]
+
+
+def to_feature_map(patches: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Patch tokens `[B, HW, D]` in row-major order -> a feature map `[B, D, rows, cols]`."""
+    return patches.reshape(patches.shape[0], rows, cols, -1).permute(0, 3, 1, 2).contiguous()
 
 
 class ViTRegModel(ViTRegPreTrainedModel):
@@ -459,14 +460,14 @@ class ViTRegModel(ViTRegPreTrainedModel):
         blocks = list(range(depth - n, depth)) if isinstance(n, int) else sorted(set(n))
         if not blocks or any(not 0 <= b < depth for b in blocks):
             raise ValueError(f"blocks to take must lie in [0, {depth}), got {n}")
-        rows, cols = self.num_patch_grid(pixel_values)
+        rows, cols = grid_size(self.config, pixel_values.shape[-2], pixel_values.shape[-1])
         _, kept = self.forward_blocks(pixel_values, keep=[b + 1 for b in blocks])
         outputs = []
         for hidden_state in kept:
             tokens = self.layernorm(hidden_state) if norm else hidden_state
             cls_token, _, patches = split_tokens(self.config, tokens)
             if reshape:
-                patches = patches.reshape(patches.shape[0], rows, cols, -1).permute(0, 3, 1, 2).contiguous()
+                patches = to_feature_map(patches, rows, cols)
             outputs.append((patches, cls_token) if return_class_token else patches)
         return tuple(outputs)
 
@@ -547,8 +548,8 @@ class ViTRegBackbone(BackboneMixin, ViTRegPreTrainedModel):
             if self.config.apply_layernorm:
                 hidden_state = self.layernorm(hidden_state)
             if self.config.reshape_hidden_states:
-                patches = hidden_state[:, self.config.num_prefix_tokens :]  # [B, HW, D]
-                hidden_state = patches.reshape(patches.shape[0], rows, cols, -1).permute(0, 3, 1, 2).contiguous()
+                _, _, patches = split_tokens(self.config, hidden_state)
+                hidden_state = to_feature_map(patches, rows, cols)
             feature_maps.append(hidden_state)
         return BackboneOutput(feature_maps=tuple(feature_maps))
 
