@@ -9,6 +9,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import BaseImageProcessor, PreTrainedModel
 
+from modeling_vitreg.modeling_vitreg import split_tokens
 from vitreg.errors import UserError
 
 from .hooks import capture_last_qkv, cls_attention
@@ -121,24 +122,26 @@ def analyze_image(
     # All layers' attention maps would be heads * N^2 per block (GBs for ViT-g at 518 px): recompute the last one's.
     with capture_last_qkv(model) as captured:
         outputs = model(pixel_values.to(device=param.device, dtype=param.dtype), output_hidden_states=True)
-    prefix, start, registers = config.num_prefix_tokens, int(config.use_cls_token), config.num_register_tokens
-    tokens = outputs.last_hidden_state[0].cpu()  # [P + hw, D]
+    # One notion of prefix tokens, the model's: [CLS, registers, patches].
+    cls_token, registers, patches = split_tokens(config, outputs.last_hidden_state.cpu())  # batch of one
     layers = torch.stack(outputs.hidden_states)[:, 0].cpu()  # [L + 1, P + hw, D]
+    layer_cls, layer_registers, layer_patches = split_tokens(config, layers)
     has_cls = config.use_cls_token
     attention_map = cls_registers = None
     if has_cls:
         attention = cls_attention(captured["qkv"], config.num_attention_heads)[0].cpu()  # [heads, P + hw]
-        attention_map = attention[:, prefix:].reshape(-1, rows, cols).numpy()
-        cls_registers = attention[:, start : start + registers].numpy()
+        _, attention_registers, attention_patches = split_tokens(config, attention)
+        attention_map = attention_patches.reshape(-1, rows, cols).numpy()
+        cls_registers = attention_registers.numpy()
     return ImageAnalysis(
         image=name,
         photo=thumbnail(unnormalize(processor, pixel_values)),
-        norms=_norms(tokens[prefix:]).reshape(rows, cols),
-        cls_norm=float(_norms(tokens[0])) if has_cls else None,
-        register_norms=_norms(tokens[start : start + registers]),
-        layer_norms=_norms(layers[:, prefix:]).reshape(-1, rows, cols),
-        layer_cls_norms=_norms(layers[:, 0]) if has_cls else np.zeros(0),
-        layer_register_norms=_norms(layers[:, start : start + registers]),
+        norms=_norms(patches[0]).reshape(rows, cols),
+        cls_norm=float(_norms(cls_token[0])) if has_cls else None,
+        register_norms=_norms(registers[0]),
+        layer_norms=_norms(layer_patches).reshape(-1, rows, cols),
+        layer_cls_norms=_norms(layer_cls) if has_cls else np.zeros(0),
+        layer_register_norms=_norms(layer_registers),
         cls_attention=attention_map,
         cls_attention_registers=cls_registers,
     )
