@@ -23,6 +23,7 @@ from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
 from modeling_vitreg import ViTRegConfig, ViTRegModel
 from modeling_vitreg.modeling_vitreg import ViTRegAttention
+from training.flops import vit_forward_flops
 
 SMALL = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, patch_size=14, num_register_tokens=4)
 
@@ -120,15 +121,6 @@ def split_qkv(model: ViTRegModel) -> ViTRegModel:
     return split.eval()
 
 
-def forward_flops(config: ViTRegConfig, height: int, width: int) -> float:
-    """Multiply-adds x 2 of one image's forward pass (matmuls and convolution; norms and softmax ignored)."""
-    d, p = config.hidden_size, config.patch_size
-    patches = (height // p) * (width // p)
-    n = patches + config.num_prefix_tokens
-    per_layer = 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d + 2 * 2 * n * d * config.mlp_hidden_size
-    return 2 * patches * d * config.num_channels * p * p + config.num_hidden_layers * per_layer
-
-
 def time_call(fn, repeats: int) -> float:
     """Seconds per call, the best of a short burst (after one warm-up call)."""
     fn()
@@ -192,7 +184,7 @@ def main() -> None:
                     times[name].append(time_call(lambda n=name, x=x: outputs[n](peers[n], x), args.repeats))
                 matmul.append(matmul_gflops())
         peak = statistics.median(matmul)
-        flops = forward_flops(vitreg.config, size, size) * batch
+        flops = vit_forward_flops(vitreg.config, size) * batch
         base = statistics.median(times["vitreg"])
         for name in peers:
             seconds = statistics.median(times[name])
