@@ -3,7 +3,7 @@
 import argparse
 from pathlib import Path
 
-from vitreg.errors import UserError
+from vitreg.core.errors import UserError
 
 from .lost import LOST_PATCHES
 from .report import run_analysis

@@ -4,12 +4,12 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
+import vitreg.modeling_vitreg  # noqa: F401  (registers ViTReg with the Auto classes)
 from PIL import Image, UnidentifiedImageError
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, BaseImageProcessor, PreTrainedModel
 
-import modeling_vitreg  # noqa: F401  (registers ViTReg with the Auto classes)
-from vitreg.errors import UserError
-from vitreg.hub import image_processor as default_image_processor
+from vitreg.core.errors import UserError
+from vitreg.core.images import image_processor as default_image_processor
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 

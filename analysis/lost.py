@@ -15,7 +15,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import BaseImageProcessor, PreTrainedModel
 
-from vitreg.errors import UserError
+from vitreg.core.errors import UserError
 
 from .hooks import capture_last_qkv, split_heads
 from .loading import open_image

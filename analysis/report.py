@@ -9,8 +9,8 @@ import numpy as np
 from PIL import Image
 from transformers import BaseImageProcessor, PreTrainedModel
 
-from vitreg.errors import UserError
-from vitreg.hub import atomic_output_dir, check_output_dir
+from vitreg.core.errors import UserError
+from vitreg.core.folders import atomic_output_dir, check_output_dir
 
 from .artifacts import ImageAnalysis, ModelAnalysis, analyze
 from .figures import histogram_figure, image_figure, layer_figure, lost_figure

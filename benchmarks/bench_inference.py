@@ -20,10 +20,9 @@ import timm
 import torch
 from torch import nn
 from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
-
-from modeling_vitreg import ViTRegConfig, ViTRegModel
-from modeling_vitreg.modeling_vitreg import ViTRegAttention
-from training.flops import vit_forward_flops
+from vitreg.modeling_vitreg import ViTRegConfig, ViTRegModel
+from vitreg.modeling_vitreg.modeling_vitreg import ViTRegAttention
+from vitreg.training.flops import vit_forward_flops
 
 SMALL = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, patch_size=14, num_register_tokens=4)
 

@@ -18,11 +18,10 @@ import time
 from pathlib import Path
 
 import torch
-
-from training import pretrain, schedules
-from training.config import load_config
-from training.flops import train_step_flops
-from training.masking import sample_masks
+from vitreg.training import pretrain, schedules
+from vitreg.training.config import load_config
+from vitreg.training.flops import train_step_flops
+from vitreg.training.masking import sample_masks
 
 MODELS = {  # name -> (recipe, per-device batch)
     "ViT-S/14 reg4": ("vits14-reg4-dinov2-imagenet", 64),

@@ -1,6 +1,6 @@
 """Checkpoint conversion: DINOv2 (hub and training), timm and transformers checkpoints <-> ViTReg folders.
 
-from conversion import convert, write_random_checkpoint
+from vitreg.conversion import convert, write_random_checkpoint
 write_random_checkpoint("dinov2_vits14_reg4_pretrain.pth", "dinov2_vits14_reg4", hidden_size=64)
 convert("dinov2_vits14_reg4_pretrain.pth", "dinov2-vits14-reg4", verify=True)
 """

@@ -1,7 +1,7 @@
 """The eight official DINOv2 hub backbones as ViTReg configs; the table itself is `model_cards.registry`."""
 
-from model_cards.registry import HEADS, OFFICIAL_BACKBONES, OfficialBackbone
-from modeling_vitreg import ViTRegConfig
+from vitreg.model_cards.registry import HEADS, OFFICIAL_BACKBONES, OfficialBackbone
+from vitreg.modeling_vitreg import ViTRegConfig
 
 OFFICIAL_IMAGE_SIZE = 518
 OFFICIAL_PATCH_SIZE = 14

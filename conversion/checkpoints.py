@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from vitreg.errors import UserError
+from vitreg.core.errors import UserError
 
 from .architectures import OFFICIAL_ARCHITECTURES, OFFICIAL_IMAGE_SIZE, OFFICIAL_PATCH_SIZE
 

@@ -2,7 +2,7 @@
 
 import argparse
 
-from vitreg.errors import UserError
+from vitreg.core.errors import UserError
 
 from .converter import DTYPES, convert, convert_batch, export_dinov2
 

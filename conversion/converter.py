@@ -7,11 +7,12 @@ from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel
+from vitreg.model_cards import save_model_folder
+from vitreg.modeling_vitreg import ViTRegConfig, ViTRegForImageClassification, ViTRegModel
 
 import vitreg
-from modeling_vitreg import ViTRegConfig, ViTRegForImageClassification, ViTRegModel
-from vitreg.errors import UserError
-from vitreg.hub import check_output_dir, save_model_folder
+from vitreg.core.errors import UserError
+from vitreg.core.folders import check_output_dir
 
 from .architectures import HEAD_KINDS, OFFICIAL_ARCHITECTURES, match_official
 from .checkpoints import load_checkpoint, load_tensors, read_folder_config, sha256
@@ -216,8 +217,7 @@ def convert(
 def _verify_and_record(
     folder: Path, conversion: Conversion, source_state: dict, source: Path, provenance: dict
 ) -> None:
-    import model_cards
-
+    from vitreg import model_cards
     parity = verify_folder(folder, conversion, source_state, source)
     if parity is None:
         print("verify: skipped (timm is not installed)")

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from vitreg.errors import UserError
+from vitreg.core.errors import UserError
 
 from .architectures import HEAD_KINDS
 from .checkpoints import load_tensors

@@ -10,9 +10,9 @@ import re
 from dataclasses import dataclass, field
 
 import torch
+from vitreg.modeling_vitreg import ViTRegConfig
 
-from modeling_vitreg import ViTRegConfig
-from vitreg.errors import UserError
+from vitreg.core.errors import UserError
 
 from .architectures import interpolation
 from .heads import imagenet_labels

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-
-from modeling_vitreg import ViTRegConfig
+from vitreg.modeling_vitreg import ViTRegConfig
 
 
 def timm_available() -> bool:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from vitreg import __version__
+from vitreg import __version__  # the package root holds only the version
 
 from . import registry
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 # The project's own packages: a Hub user has none of them, so the folder's shipped code must do all the work.
-HIDDEN_PACKAGES = ("vitreg", "modeling_vitreg", "model_cards", "conversion", "training", "analysis")
+HIDDEN_PACKAGES = ("vitreg", "modeling_vitreg")  # the package, and the name its model had before vitreg 0.2
 
 
 class HidePackages(importlib.abc.MetaPathFinder):

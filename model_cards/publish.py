@@ -12,7 +12,7 @@ from pathlib import Path
 from huggingface_hub import ModelCard, constants
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
-from vitreg.errors import UserError
+from vitreg.core.errors import UserError
 
 from .card import PROVENANCE_FILE, build_card, read_provenance
 
@@ -59,7 +59,7 @@ def check_files(folder: Path, config: dict) -> None:
     """Refuse a folder without weights, remote code, processor or provenance."""
     for name in REQUIRED_FILES + (PROVENANCE_FILE,):
         if not (folder / name).is_file():
-            raise UserError(f"{folder} has no {name}: re-save it with ViTReg (vitreg.hub.save_model_folder)")
+            raise UserError(f"{folder} has no {name}: re-save it with ViTReg (vitreg.model_cards.save_model_folder)")
     if "AutoConfig" not in config.get("auto_map", {}):
         raise UserError(f"{folder}/config.json has no auto_map: it would not load as remote code")
     index = folder / "model.safetensors.index.json"

@@ -9,10 +9,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import vitreg.modeling_vitreg  # noqa: E402,F401  (registers the Auto classes)
 from PIL import Image  # noqa: E402
-
-import modeling_vitreg  # noqa: E402,F401  (registers the Auto classes)
-from modeling_vitreg import ViTRegConfig  # noqa: E402
+from vitreg.modeling_vitreg import ViTRegConfig  # noqa: E402
 
 
 def tiny_config(**overrides) -> ViTRegConfig:

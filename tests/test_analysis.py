@@ -8,13 +8,14 @@ import pytest
 import torch
 from conftest import tiny_config
 from PIL import Image
+from vitreg.analysis import analyze, load_model, run_analysis
+from vitreg.analysis.hooks import capture_last_qkv, cls_attention
+from vitreg.model_cards import save_model_folder
+from vitreg.modeling_vitreg import ViTRegModel
 
-from analysis import analyze, load_model, run_analysis
-from analysis.hooks import capture_last_qkv, cls_attention
-from modeling_vitreg import ViTRegModel
 from vitreg.cli import main
-from vitreg.errors import UserError
-from vitreg.hub import image_processor, save_model_folder
+from vitreg.core.errors import UserError
+from vitreg.core.images import image_processor
 
 DETECT, ARTIFACT = 0, 1  # channels: "this patch is magenta", and the one the artifact is written into
 SIZE, PATCH = 518, 14  # the paper's 37x37 grid

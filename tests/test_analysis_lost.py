@@ -7,12 +7,13 @@ import pytest
 import torch
 from conftest import tiny_config
 from PIL import Image
+from vitreg.analysis.lost import corloc, iou, lost, lost_image, read_voc
+from vitreg.model_cards import save_model_folder
+from vitreg.modeling_vitreg import ViTRegModel
 
-from analysis.lost import corloc, iou, lost, lost_image, read_voc
-from modeling_vitreg import ViTRegModel
 from vitreg.cli import main
-from vitreg.errors import UserError
-from vitreg.hub import image_processor, save_model_folder
+from vitreg.core.errors import UserError
+from vitreg.core.images import image_processor
 
 
 def brightness_model() -> ViTRegModel:

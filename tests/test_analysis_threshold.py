@@ -2,8 +2,7 @@
 
 import numpy as np
 import pytest
-
-from analysis.threshold import auto_threshold
+from vitreg.analysis.threshold import auto_threshold
 
 
 def lognormal(rng, n, mean, std):

@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
-
-from conversion import (
+from vitreg.conversion import (
     OFFICIAL_ARCHITECTURES,
     build_model,
     convert,
@@ -20,8 +19,8 @@ from conversion import (
     random_official_state_dict,
     read_source,
 )
-from conversion.layouts import to_dinov2
-from conversion.reference import max_token_difference, timm_reference
+from vitreg.conversion.layouts import to_dinov2
+from vitreg.conversion.reference import max_token_difference, timm_reference
 
 TOL = 1e-5
 TINY = dict(hidden_size=128, num_hidden_layers=2)  # 2 heads of 64
@@ -308,8 +307,7 @@ def test_real_vits14_reg4_shape_matches_timm(tmp_path):
     torch.save(state, tmp_path / "dinov2_vits14_reg4_pretrain.pth")
     folder = convert(tmp_path / "dinov2_vits14_reg4_pretrain.pth", tmp_path / "out", progress=False)
     from transformers import AutoModel
-
-    from conversion.checkpoints import read_folder_config
+    from vitreg.conversion.checkpoints import read_folder_config
 
     provenance = json.loads((folder / "provenance.json").read_text())
     model = AutoModel.from_pretrained(folder).eval()

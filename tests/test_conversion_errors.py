@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import vitreg.conversion.converter as converter
 from safetensors import safe_open
-
-import conversion.converter as converter
-from conversion import (
+from vitreg.conversion import (
     convert_batch,
     export_dinov2,
     random_head_state_dict,
     random_official_state_dict,
     write_random_checkpoint,
 )
+
 from vitreg.cli import main
 
 TINY = dict(hidden_size=64, num_hidden_layers=1)

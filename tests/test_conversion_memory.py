@@ -1,9 +1,8 @@
 """Casting during conversion releases the memory-mapped source pages without changing any value."""
 
 import torch
-
-from conversion import read_source, write_random_checkpoint
-from conversion.memory import cast_releasing, mapped_ranges
+from vitreg.conversion import read_source, write_random_checkpoint
+from vitreg.conversion.memory import cast_releasing, mapped_ranges
 
 
 def test_cast_releasing_keeps_every_value(tmp_path):

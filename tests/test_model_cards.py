@@ -13,12 +13,11 @@ import torch
 from conftest import tiny_config
 from huggingface_hub import ModelCard
 from transformers import AutoImageProcessor
+from vitreg.model_cards import registry, save_model_folder
+from vitreg.model_cards.card import EXAMPLE_IMAGE_URL, PROVENANCE_FILE, UNPUBLISHED_REPO_ID, build_card, read_provenance
+from vitreg.modeling_vitreg import ViTRegForImageClassification, ViTRegModel
 
-import model_cards
-from model_cards import registry
-from model_cards.card import EXAMPLE_IMAGE_URL, PROVENANCE_FILE, UNPUBLISHED_REPO_ID, build_card, read_provenance
-from modeling_vitreg import ViTRegForImageClassification, ViTRegModel
-from vitreg.hub import save_model_folder
+from vitreg import model_cards
 
 CONVERTED = {
     "kind": "converted",
@@ -47,7 +46,7 @@ HUB_REVISION = "0123456789abcdef0123456789abcdef01234567"  # snapshot folders ar
 
 
 def save(tmp_path: Path, name: str, provenance: dict, classifier: bool = False) -> Path:
-    """A tiny ViTReg folder written the way every ViTReg folder is: through vitreg.hub.save_model_folder."""
+    """A tiny ViTReg folder written the way every ViTReg folder is: through vitreg.model_cards.save_model_folder."""
     if classifier:
         config = tiny_config(num_labels=6, classifier_num_layers=2, id2label={i: f"class {i}" for i in range(6)})
         model = ViTRegForImageClassification(config)
@@ -175,9 +174,8 @@ def test_every_official_backbone_gets_its_registry_facts(tmp_path, name):
 
 def test_registry_rows_build_the_official_models():
     import torch
-
-    from conversion.architectures import HEAD_KINDS, official_config
-    from modeling_vitreg import ViTRegModel
+    from vitreg.conversion.architectures import HEAD_KINDS, official_config
+    from vitreg.modeling_vitreg import ViTRegModel
 
     assert HEAD_KINDS == {kind: head.num_layers for kind, head in registry.HEADS.items()}
     for row in registry.OFFICIAL_BACKBONES.values():
@@ -189,7 +187,7 @@ def test_registry_rows_build_the_official_models():
 
 
 def test_registry_imports_without_torch():
-    code = "import sys, model_cards.registry; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    code = "import sys, vitreg.model_cards.registry; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
 

@@ -20,8 +20,7 @@ from conftest import tiny_config
 from timm.layers import SwiGLUPacked
 from torch import nn
 from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
-
-from modeling_vitreg import ViTRegConfig, ViTRegModel
+from vitreg.modeling_vitreg import ViTRegConfig, ViTRegModel
 
 TOL = 1e-5
 # Image sizes for patch 4 on a 32 px (8x8) position grid: native, downscaled, the 224x308 shape of a 14 px

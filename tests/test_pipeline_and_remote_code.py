@@ -1,5 +1,5 @@
-"""Folders written by `vitreg.hub.save_model_folder`: image processor, pipelines, and remote code from an offline
-Hub cache in a Python where the ViTReg package cannot be imported."""
+"""Folders written by `vitreg.model_cards.save_model_folder`: image processor, pipelines, and remote code from an
+offline Hub cache in a Python where the ViTReg package cannot be imported."""
 
 import json
 import shutil
@@ -13,9 +13,8 @@ import torch
 from conftest import tiny_config
 from test_modeling_parity import max_diff, randomize_
 from transformers import AutoImageProcessor, pipeline
-
-from modeling_vitreg import ViTRegBackbone, ViTRegForImageClassification, ViTRegModel
-from vitreg.hub import save_model_folder
+from vitreg.model_cards import save_model_folder
+from vitreg.modeling_vitreg import ViTRegBackbone, ViTRegForImageClassification, ViTRegModel
 
 CROP = 56  # 4 x 4 patches of 14 px: small enough to be fast, large enough to interpolate positions
 LABELS = {0: "astronaut", 1: "cat", 2: "mug", 3: "rocket"}

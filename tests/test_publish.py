@@ -14,13 +14,12 @@ import pytest
 from conftest import tiny_config
 from huggingface_hub import ModelCard, constants
 from huggingface_hub.utils import _http as hub_http
+from vitreg.model_cards import publish, save_model_folder
+from vitreg.model_cards.card import PROVENANCE_FILE
+from vitreg.modeling_vitreg import ViTRegForImageClassification, ViTRegModel
 
-from model_cards import publish
-from model_cards.card import PROVENANCE_FILE
-from modeling_vitreg import ViTRegForImageClassification, ViTRegModel
 from vitreg.cli import main as vitreg_main
-from vitreg.errors import UserError
-from vitreg.hub import save_model_folder
+from vitreg.core.errors import UserError
 
 PROVENANCE = {
     "kind": "converted",

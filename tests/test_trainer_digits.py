@@ -7,8 +7,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments, set_seed
-
-from modeling_vitreg import ViTRegConfig, ViTRegForImageClassification
+from vitreg.modeling_vitreg import ViTRegConfig, ViTRegForImageClassification
 
 IMAGE_SIZE = 28
 PATCH_SIZE = 7  # 4 x 4 patches, each 2 x 2 of the original scan: cheap enough for a 2-core CPU

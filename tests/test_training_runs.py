@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from vitreg.training import pretrain
 
-from training import pretrain
 from vitreg import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,7 +124,7 @@ def test_supervised_smoke_run_learns_the_classes(photo_dir, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(photo_dir, tmp_path, monkeypatch, capsys):
-    from training import objectives
+    from vitreg.training import objectives
 
     calls = {"n": 0}
     real = objectives.dino_loss

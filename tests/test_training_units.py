@@ -8,15 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_config
+from vitreg.training import schedules
+from vitreg.training.config import TrainConfig, load_config
+from vitreg.training.data import ShardedEndlessBatches
+from vitreg.training.flops import train_step_flops, vit_forward_flops
+from vitreg.training.heads import DINOHead
+from vitreg.training.losses import TeacherTargets, dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp
+from vitreg.training.masking import block_mask, sample_masks
 
-from training import schedules
-from training.config import TrainConfig, load_config
-from training.data import ShardedEndlessBatches
-from training.flops import train_step_flops, vit_forward_flops
-from training.heads import DINOHead
-from training.losses import TeacherTargets, dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp
-from training.masking import block_mask, sample_masks
-from vitreg.errors import UserError
+from vitreg.core.errors import UserError
 
 
 def test_dino_loss_matches_hand_computation():
@@ -119,8 +119,8 @@ def test_values_at_follows_the_dinov2_recipe():
 
 
 def test_param_groups_layerwise_decay_patch_embed_and_no_weight_decay():
-    from modeling_vitreg import ViTRegModel
-    from training.objectives import DINOv2Student
+    from vitreg.modeling_vitreg import ViTRegModel
+    from vitreg.training.objectives import DINOv2Student
 
     config = TrainConfig(
         layerwise_decay=0.5, patch_embed_lr_mult=0.2, head_n_prototypes=16, head_hidden_dim=8, head_bottleneck_dim=4
@@ -191,7 +191,7 @@ def test_bad_config_values_are_refused(overrides, message):
 
 
 def test_shipped_configs_load():
-    from training.config import CONFIG_DIR
+    from vitreg.training.config import CONFIG_DIR
 
     names = sorted(path.stem for path in CONFIG_DIR.glob("*.yaml"))
     assert {"smoke-dinov2", "smoke-supervised"} <= set(names) and len(names) >= 5

@@ -18,8 +18,7 @@ from transformers_suite.vision_encoder import (
     VisionEncoderFamily,
     VisionEncoderModelTests,
 )
-
-from modeling_vitreg import ViTRegBackbone, ViTRegConfig, ViTRegForImageClassification, ViTRegModel
+from vitreg.modeling_vitreg import ViTRegBackbone, ViTRegConfig, ViTRegForImageClassification, ViTRegModel
 
 VITREG = VisionEncoderFamily(
     model_type=ViTRegConfig.model_type,

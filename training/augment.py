@@ -5,7 +5,7 @@ from PIL import Image, ImageFilter
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
-from vitreg.hub import IMAGENET_MEAN, IMAGENET_STD
+from vitreg.core.images import IMAGENET_MEAN, IMAGENET_STD
 
 BICUBIC = InterpolationMode.BICUBIC
 

@@ -14,7 +14,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from vitreg.errors import UserError
+from vitreg.core.errors import UserError
 
 PATTERN = re.compile(r"^step_(\d{8})$")
 OBJECTIVE_FILE = "objective.safetensors"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from vitreg.errors import UserError
+from vitreg.core.errors import UserError
 
 OBJECTIVES = ("dinov2", "supervised")
 CENTERINGS = ("centering", "sinkhorn_knopp")

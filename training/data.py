@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2 as T
 
-from vitreg.errors import UserError
+from vitreg.core.errors import UserError
 
 from .config import TrainConfig
 from .masking import sample_masks

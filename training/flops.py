@@ -1,6 +1,6 @@
 """Analytic FLOPs of a training step (matmuls only, 2 FLOPs per multiply-add), for MFU as nanoGPT reports it."""
 
-from modeling_vitreg import ViTRegConfig
+from vitreg.modeling_vitreg import ViTRegConfig
 
 from .config import TrainConfig
 

@@ -6,8 +6,7 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from modeling_vitreg import ViTRegModel
+from vitreg.modeling_vitreg import ViTRegModel
 
 from .config import TrainConfig
 from .heads import DINOHead

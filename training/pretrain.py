@@ -1,7 +1,7 @@
 """Pretrain a ViT with registers: DINOv2 self-supervised or DeiT III supervised, from one CPU to many GPUs.
 
-    python -m training.pretrain --config smoke-dinov2 --data_dir photos/ --output_dir runs/smoke
-    accelerate launch --multi_gpu --num_processes 8 -m training.pretrain --config vitl14-reg4-dinov2-imagenet ...
+    python -m vitreg.training.pretrain --config smoke-dinov2 --data_dir photos/ --output_dir runs/smoke
+    accelerate launch --multi_gpu --num_processes 8 -m vitreg.training.pretrain --config vitl14-reg4-dinov2-imagenet ...
     vitreg pretrain --config FILE --data_dir DIR --output_dir DIR --resume_from_checkpoint latest
 
 The loop in `train` reads top to bottom: data -> model -> loss -> step -> log -> checkpoint, then the export.
@@ -21,9 +21,9 @@ import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
+from vitreg.modeling_vitreg import ViTRegConfig, ViTRegForImageClassification, ViTRegModel
 
-from modeling_vitreg import ViTRegConfig, ViTRegForImageClassification, ViTRegModel
-from vitreg.errors import UserError
+from vitreg.core.errors import UserError
 
 from . import checkpoint, data, schedules
 from .augment import MultiCrop, ThreeAugment
@@ -301,7 +301,7 @@ def train_loop(accelerator, config, output_dir, resume, overwrite, config_file) 
     # export: the teacher backbone (DINOv2) or the classifier (supervised), as a ViTReg folder
     accelerator.wait_for_everyone()
     if main:
-        from vitreg.hub import save_model_folder
+        from vitreg.model_cards import save_model_folder
 
         model = objective.export_model() if config.objective == "dinov2" else accelerator.unwrap_model(student)
         provenance = {
@@ -328,8 +328,8 @@ def train_loop(accelerator, config, output_dir, resume, overwrite, config_file) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m training.pretrain ...` (also under `accelerate launch -m training.pretrain ...`)."""
-    parser = argparse.ArgumentParser(prog="python -m training.pretrain", description=__doc__.splitlines()[0])
+    """`python -m vitreg.training.pretrain ...` (also under `accelerate launch -m vitreg.training.pretrain ...`)."""
+    parser = argparse.ArgumentParser(prog="python -m vitreg.training.pretrain", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:

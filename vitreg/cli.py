@@ -6,16 +6,16 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .errors import UserError
+from .core.errors import UserError
 
 # name -> (module implementing it, one-line help). Each module defines
 # `add_arguments(parser: argparse.ArgumentParser) -> None` and `run(args: argparse.Namespace) -> int`.
 # Modules are imported only when their subcommand runs, so `vitreg --help` stays instant.
 SUBCOMMANDS = {
-    "convert": ("conversion.cli", "convert DINOv2 / timm / transformers checkpoints into ViTReg folders"),
-    "pretrain": ("training.pretrain", "pretrain a ViT with registers (DINOv2 self-supervised or supervised)"),
-    "publish": ("model_cards.publish", "validate a ViTReg folder and publish it to the Hugging Face Hub"),
-    "analyze": ("analysis.cli", "measure high-norm artifact tokens and attention maps of a model"),
+    "convert": ("vitreg.conversion.cli", "convert DINOv2 / timm / transformers checkpoints into ViTReg folders"),
+    "pretrain": ("vitreg.training.pretrain", "pretrain a ViT with registers (DINOv2 self-supervised or supervised)"),
+    "publish": ("vitreg.model_cards.publish", "validate a ViTReg folder and publish it to the Hugging Face Hub"),
+    "analyze": ("vitreg.analysis.cli", "measure high-norm artifact tokens and attention maps of a model"),
 }
 
 

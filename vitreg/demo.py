@@ -41,8 +41,8 @@ def feature_extraction(workdir: Path, photos: list[Path]) -> None:
     """Build a small ViTReg, save it, and extract features from the photos through the pipeline."""
     from transformers import pipeline
 
-    from modeling_vitreg import ViTRegConfig, ViTRegModel
-    from vitreg.hub import save_model_folder
+    from vitreg.model_cards import save_model_folder
+    from vitreg.modeling_vitreg import ViTRegConfig, ViTRegModel
 
     banner("1. a small ViTReg through pipeline('image-feature-extraction')")
     torch.manual_seed(0)
@@ -68,7 +68,7 @@ def feature_extraction(workdir: Path, photos: list[Path]) -> None:
 
 def conversion(workdir: Path) -> Path:
     """Write a ViT-S/14 reg4 checkpoint in the official layout (random values), convert it and verify every token."""
-    from conversion import convert, write_random_checkpoint
+    from vitreg.conversion import convert, write_random_checkpoint
 
     banner("2. converting an official-layout DINOv2 checkpoint (dinov2_vits14_reg4, random values)")
     source = write_random_checkpoint(workdir / "official" / "dinov2_vits14_reg4_pretrain.pth", "dinov2_vits14_reg4")
@@ -101,8 +101,8 @@ def pretraining(workdir: Path, photos: list[Path]) -> Path:
 
 def publishing(model_dir: Path) -> None:
     """Rewrite the trained model's card and dry-run its publication (no network, no token)."""
-    import model_cards
-    from model_cards.publish import publish_folder, report
+    from vitreg import model_cards
+    from vitreg.model_cards.publish import publish_folder, report
 
     banner("4. model card and a dry-run publish")
     card = model_cards.write_card(model_dir, model_cards.read_provenance(model_dir), repo_id="vitreg-demo/tiny-reg4")
@@ -112,7 +112,7 @@ def publishing(model_dir: Path) -> None:
 
 def analysis(workdir: Path, model_dir: Path, photos: list[Path]) -> None:
     """Measure token norms, outliers and CLS attention of the trained model on the photos."""
-    from analysis import run_analysis
+    from vitreg.analysis import run_analysis
 
     banner("5. artifact analysis of the trained model on the same photos")
     out = workdir / "analysis"
