@@ -1,6 +1,6 @@
 """Training throughput (images/s) and the training loop's overhead over a bare forward/backward/step, interleaved.
 
-Each round runs (a) the real loop, `vitreg.training.pretrain.train`, for `--steps` steps on an image folder of real photos
+Each round runs (a) the real loop, `vitreg.training.pretrain.train`, for `--steps` steps on an image folder of photos
 and reads its steady-state step time from metrics.jsonl (the first logging window, with worker start-up, is
 dropped; checkpoint saves are not timed), then (b) bare steps of the same model config on one batch held in memory:
 the objective's forward (student, teacher, losses), backward and AdamW step. The loop adds data loading, schedules,
