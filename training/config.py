@@ -13,6 +13,7 @@ OBJECTIVES = ("dinov2", "supervised")
 CENTERINGS = ("centering", "sinkhorn_knopp")
 LR_SCALINGS = ("sqrt_wrt_1024", "linear_wrt_256", "none")
 SUPERVISED_LOSSES = ("bce", "ce")
+BLUR_CONVENTIONS = ("official_code", "paper")
 CONFIG_DIR = Path(__file__).parent / "configs"
 POSITIVE_KEYS = (
     "batch_size_per_device max_steps logging_steps checkpointing_steps checkpoints_total_limit global_crop_size "
@@ -73,6 +74,9 @@ class TrainConfig:
     local_crops_number: int = 8
     local_crop_size: int = 96
     local_crops_scale: tuple[float, float] = (0.05, 0.32)
+    # DINOv2's GaussianBlur(p) hands torchvision's RandomApply 1 - p, so the released checkpoints were trained with
+    # blur probabilities 0 / 0.9 / 0.5 (global crop 1 / global crop 2 / local crops); the paper states 1.0 / 0.1 / 0.5.
+    blur_convention: str = "official_code"  # "official_code" (the released checkpoints' behaviour) or "paper"
 
     # DINOv2: DINO head and loss
     dino_loss_weight: float = 1.0
@@ -207,6 +211,7 @@ def validate(c: TrainConfig) -> None:
     need(c.centering in CENTERINGS, f"centering must be one of {CENTERINGS}, got {c.centering!r}")
     need(c.lr_scaling in LR_SCALINGS, f"lr_scaling must be one of {LR_SCALINGS}, got {c.lr_scaling!r}")
     need(c.supervised_loss in SUPERVISED_LOSSES, f"supervised_loss must be one of {SUPERVISED_LOSSES}")
+    need(c.blur_convention in BLUR_CONVENTIONS, f"blur_convention must be one of {BLUR_CONVENTIONS}")
     for key in POSITIVE_KEYS:
         need(getattr(c, key) > 0, f"{key} must be positive, got {getattr(c, key)}")
     for key in NON_NEGATIVE_KEYS:
