@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 from transformers import BaseImageProcessor, PreTrainedModel
-from vitreg.modeling_vitreg.modeling_vitreg import split_tokens
+from vitreg.modeling_vitreg import split_tokens
 
 from vitreg.core.errors import UserError
 

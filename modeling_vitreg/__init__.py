@@ -14,6 +14,8 @@ from .modeling_vitreg import (
     ViTRegModel,
     ViTRegModelOutput,
     ViTRegPreTrainedModel,
+    split_tokens,
+    to_feature_map,
 )
 
 AutoConfig.register(ViTRegConfig.model_type, ViTRegConfig, exist_ok=True)
@@ -34,4 +36,6 @@ __all__ = [
     "ViTRegForImageClassification",
     "ViTRegBackbone",
     "ViTRegPreTrainedModel",
+    "split_tokens",
+    "to_feature_map",
 ]

@@ -560,4 +560,6 @@ __all__ = [
     "ViTRegModelOutput",
     "ViTRegForImageClassification",
     "ViTRegBackbone",
+    "split_tokens",
+    "to_feature_map",
 ]
