@@ -105,8 +105,6 @@ def build_model(
     with torch.device("meta"):
         model = (ViTRegForImageClassification if classify else ViTRegModel)(conversion.config)
     expected = model.state_dict()
-    if classify and "vitreg.embeddings.mask_token" not in expected:
-        state_dict.pop("vitreg.embeddings.mask_token", None)  # classifiers never mask: the model has no mask token
     missing = [key for key in expected if key not in state_dict]
     unknown = [key for key in state_dict if key not in expected]
     if missing or unknown:

@@ -4,6 +4,7 @@ from transformers.backbone_utils import BackboneConfigMixin
 from transformers.configuration_utils import PreTrainedConfig
 
 POOLING_TYPES = ("cls", "mean")
+CLASSIFIER_POOLING_TYPES = ("cls_mean", "cls")
 
 
 class ViTRegConfig(BackboneConfigMixin, PreTrainedConfig):
@@ -33,14 +34,17 @@ class ViTRegConfig(BackboneConfigMixin, PreTrainedConfig):
         interpolate_antialias: antialiased bicubic position interpolation (DINOv2 register models).
         interpolate_offset: when non-zero, interpolate by scale factor `(grid + offset) / old_grid` as DINOv2
             models without registers do (0.1); when 0, interpolate to the target size.
-        use_mask_token: ViTRegModel learns a mask token for masked image modelling (`bool_masked_pos`); the
-            classification and backbone heads never mask patches and build none.
+        use_mask_token: learn a mask token that replaces the patches `bool_masked_pos` marks (masked image
+            modelling, iBOT). Every ViTReg class builds it exactly when this is set: the config alone decides the
+            module tree, so a classifier or backbone loads the same checkpoint as the bare model.
         use_cls_token: prepend a CLS token (timm's SBB "gap" models have none).
         use_fc_norm: apply the final LayerNorm to the pooled mean instead of to every token (timm's "gap" models).
         cls_token_position_embedding: add a position embedding to the CLS token (timm folds it into the token).
         pooling: `"cls"` pools the CLS token, `"mean"` averages the patch tokens (registers never take part).
         classifier_num_layers: ViTRegForImageClassification reads the CLS token of the last n blocks (1 or 4,
-            DINOv2's linear and linear4 heads) plus the mean patch token of the last block.
+            DINOv2's linear and linear4 heads) plus, with `classifier_pooling="cls_mean"`, the mean patch token.
+        classifier_pooling: features of ViTRegForImageClassification: `"cls_mean"` (CLS token(s) and the mean patch
+            token, DINOv2's linear heads) or `"cls"` (the CLS token(s) only, as DeiT III and ViT classify).
         apply_layernorm / reshape_hidden_states: ViTRegBackbone feature maps are normed / `[B, D, h, w]`.
         out_features / out_indices: stages ViTRegBackbone returns (`"stem"`, `"stage1"`, ...).
     """
@@ -74,6 +78,7 @@ class ViTRegConfig(BackboneConfigMixin, PreTrainedConfig):
     cls_token_position_embedding: bool = True
     pooling: str = "cls"
     classifier_num_layers: int = 1
+    classifier_pooling: str = "cls_mean"
     apply_layernorm: bool = True
     reshape_hidden_states: bool = True
     _out_features: list[str] | None = None
@@ -113,6 +118,12 @@ class ViTRegConfig(BackboneConfigMixin, PreTrainedConfig):
 
         if self.classifier_num_layers > 1 and (self.use_fc_norm or not self.use_cls_token):
             raise ValueError("classifier_num_layers > 1 reads CLS tokens: it needs use_cls_token and no fc norm")
+        if self.classifier_pooling not in CLASSIFIER_POOLING_TYPES:
+            raise ValueError(
+                f"classifier_pooling must be one of {CLASSIFIER_POOLING_TYPES}, got {self.classifier_pooling!r}"
+            )
+        if self.classifier_pooling == "cls" and (self.use_fc_norm or not self.use_cls_token):
+            raise ValueError("classifier_pooling='cls' reads the CLS token: it needs use_cls_token and no fc norm")
         if self.use_fc_norm and self.pooling != "mean":
             raise ValueError("use_fc_norm normalises the pooled mean: it needs pooling='mean'")
 

@@ -75,13 +75,9 @@ class ViTRegPatchEmbeddings(nn.Module):
 
 
 class ViTRegEmbeddings(nn.Module):
-    """CLS token, register tokens, (masked) patch embeddings and their interpolated position embeddings.
+    """CLS token, register tokens, (masked) patch embeddings and their interpolated position embeddings."""
 
-    The mask token exists only where `bool_masked_pos` can reach it (`use_mask_token`, default from the config):
-    a parameter no forward pass uses would never get a gradient.
-    """
-
-    def __init__(self, config: ViTRegConfig, use_mask_token: bool | None = None):
+    def __init__(self, config: ViTRegConfig):
         super().__init__()
         self.config = config
         dim = config.hidden_size
@@ -91,8 +87,7 @@ class ViTRegEmbeddings(nn.Module):
         self.register_tokens = (
             nn.Parameter(torch.zeros(1, config.num_register_tokens, dim)) if config.num_register_tokens else None
         )
-        use_mask_token = config.use_mask_token if use_mask_token is None else use_mask_token
-        self.mask_token = nn.Parameter(torch.zeros(1, dim)) if use_mask_token else None
+        self.mask_token = nn.Parameter(torch.zeros(1, dim)) if config.use_mask_token else None
         self.num_cls_positions = int(config.use_cls_token and config.cls_token_position_embedding)
         self.position_embeddings = nn.Parameter(torch.zeros(1, self.num_cls_positions + self.grid**2, dim))
 
@@ -123,7 +118,7 @@ class ViTRegEmbeddings(nn.Module):
         embeddings = self.patch_embeddings(pixel_values)  # [B, HW, D]
         if bool_masked_pos is not None:
             if self.mask_token is None:
-                raise ValueError("bool_masked_pos needs a ViTRegModel built with use_mask_token=True")
+                raise ValueError("bool_masked_pos needs a model whose config has use_mask_token=True")
             if bool_masked_pos.shape != embeddings.shape[:2]:
                 raise ValueError(
                     f"bool_masked_pos must have shape {list(embeddings.shape[:2])}, got {list(bool_masked_pos.shape)}"
@@ -381,9 +376,9 @@ def to_feature_map(patches: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 class ViTRegModel(ViTRegPreTrainedModel):
     """The bare ViTReg encoder: embeddings, blocks and the final LayerNorm."""
 
-    def __init__(self, config: ViTRegConfig, use_mask_token: bool | None = None):
+    def __init__(self, config: ViTRegConfig):
         super().__init__(config)
-        self.embeddings = ViTRegEmbeddings(config, use_mask_token)
+        self.embeddings = ViTRegEmbeddings(config)
         self.encoder = ViTRegEncoder(config)
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
@@ -478,12 +473,12 @@ class ViTRegForImageClassification(ViTRegPreTrainedModel):
     def __init__(self, config: ViTRegConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
-        # The head never masks patches: no mask token (DINOv2 checkpoints carry one; loading skips it).
-        self.vitreg = ViTRegModel(config, use_mask_token=False)
+        self.vitreg = ViTRegModel(config)
         if config.use_fc_norm:
             in_features = config.hidden_size
         else:
-            in_features = config.hidden_size * (config.classifier_num_layers * int(config.use_cls_token) + 1)
+            with_mean = config.classifier_pooling == "cls_mean"
+            in_features = config.hidden_size * (config.classifier_num_layers * int(config.use_cls_token) + with_mean)
         self.classifier = nn.Linear(in_features, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
 
@@ -492,26 +487,30 @@ class ViTRegForImageClassification(ViTRegPreTrainedModel):
         self,
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        bool_masked_pos: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> ImageClassifierOutput:
         r"""
         labels: `[B]` class indices (cross-entropy; or regression when `num_labels == 1`) or `[B, num_labels]`
             multi-hot targets (`problem_type="multi_label_classification"`).
+        bool_masked_pos: `[B, HW]`, True where a patch is replaced by the mask token (needs `use_mask_token`).
         """
         if pixel_values is None:
             raise ValueError("pixel_values is required")
         config = self.config
         # DINOv2's linear4 head also reads the CLS token of the 3 blocks before the last.
         earlier = range(config.num_hidden_layers - config.classifier_num_layers + 1, config.num_hidden_layers)
-        hidden_states, kept = self.vitreg.forward_blocks(pixel_values, keep=earlier, **kwargs)
+        hidden_states, kept = self.vitreg.forward_blocks(pixel_values, bool_masked_pos, keep=earlier, **kwargs)
         outputs = self.vitreg.finalize(hidden_states)
         if config.use_fc_norm:
             features = outputs.pooler_output
         else:
-            cls_tokens = [self.vitreg.layernorm(tokens[:, 0]) for tokens in kept]
+            parts = [self.vitreg.layernorm(tokens[:, 0]) for tokens in kept]  # CLS of the earlier blocks
             if config.use_cls_token:
-                cls_tokens.append(outputs.last_hidden_state[:, 0])
-            features = torch.cat((*cls_tokens, outputs.patch_tokens.mean(dim=1)), dim=-1)  # [B, (n + 1) * D]
+                parts.append(outputs.last_hidden_state[:, 0])
+            if config.classifier_pooling == "cls_mean":
+                parts.append(outputs.patch_tokens.mean(dim=1))  # registers are never averaged in
+            features = torch.cat(parts, dim=-1)  # [B, (n + 1) * D] with the mean, [B, n * D] without
         logits = self.classifier(features)
         loss = self.loss_function(labels, logits, config) if labels is not None else None
         return ImageClassifierOutput(loss=loss, logits=logits)
@@ -523,7 +522,7 @@ class ViTRegBackbone(BackboneMixin, ViTRegPreTrainedModel):
     def __init__(self, config: ViTRegConfig):
         super().__init__(config)
         self.num_features = [config.hidden_size] * (config.num_hidden_layers + 1)
-        self.embeddings = ViTRegEmbeddings(config, use_mask_token=False)  # feature maps are never masked
+        self.embeddings = ViTRegEmbeddings(config)
         self.encoder = ViTRegEncoder(config)
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
@@ -533,14 +532,20 @@ class ViTRegBackbone(BackboneMixin, ViTRegPreTrainedModel):
         return self.embeddings.patch_embeddings.projection
 
     @capture_outputs(tie_last_hidden_states=False)
-    def forward(self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> BackboneOutput:
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BackboneOutput:
         r"""
         pixel_values: `[B, C, H, W]`; the feature maps come out as `[B, D, H / patch, W / patch]`.
+        bool_masked_pos: `[B, HW]`, True where a patch is replaced by the mask token (needs `use_mask_token`).
         """
         rows, cols = grid_size(self.config, pixel_values.shape[-2], pixel_values.shape[-1])
         out_indices = [index % len(self.stage_names) for index in self.out_indices]  # out_indices may be negative
         stages = sorted(set(out_indices))
-        _, kept = self.encoder(self.embeddings(pixel_values), keep=stages, **kwargs)
+        _, kept = self.encoder(self.embeddings(pixel_values, bool_masked_pos), keep=stages, **kwargs)
         by_stage = dict(zip(stages, kept))
         feature_maps = []
         for stage in out_indices:

@@ -63,13 +63,14 @@ def gradients(model: torch.nn.Module, pixels: torch.Tensor, **inputs) -> dict[st
 def model_and_inputs(kind: str):
     """A randomised ViTReg model, classifier or backbone and the extra inputs its training step takes."""
     config = parity_config(num_labels=3, out_features=["stage1", "stage3"])
+    mask = torch.zeros(2, 88, dtype=torch.bool)
+    mask[:, ::3] = True  # the config has a mask token, which every class builds and can use
     if kind == "model":
-        mask = torch.zeros(2, 88, dtype=torch.bool)
-        mask[:, ::3] = True
         return randomize_(ViTRegModel(config)), {"bool_masked_pos": mask}
     if kind == "classifier":
-        return randomize_(ViTRegForImageClassification(config)), {"labels": torch.tensor([0, 2])}
-    return randomize_(ViTRegBackbone(config)), {}
+        inputs = {"labels": torch.tensor([0, 2]), "bool_masked_pos": mask}
+        return randomize_(ViTRegForImageClassification(config)), inputs
+    return randomize_(ViTRegBackbone(config)), {"bool_masked_pos": mask}
 
 
 @pytest.mark.parametrize("kind", ["model", "classifier", "backbone"])
@@ -78,8 +79,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(kind):
     model.train()
     pixels = images(32, 44)
     expected = gradients(model, pixels, **inputs)
-    # Every parameter learns (the heads, which never mask, build no mask token).
-    assert ("embeddings.mask_token" in expected) == (kind == "model")
+    # Every parameter learns, the mask token included: the config alone decides the module tree.
+    assert any(name.endswith("embeddings.mask_token") for name in expected)
     for name, grad in expected.items():
         assert grad is not None and grad.abs().sum() > 0, name
     calls = []
@@ -214,8 +215,7 @@ def test_missing_weights_are_initialised_like_init(model_class):
     assert different == []
     embeddings = from_empty.vitreg.embeddings if model_class is ViTRegForImageClassification else from_empty.embeddings
     assert 0.01 < embeddings.position_embeddings.std() < 0.03  # initializer_range 0.02
-    if model_class is ViTRegModel:
-        assert torch.equal(embeddings.mask_token, torch.zeros(1, 32))
+    assert torch.equal(embeddings.mask_token, torch.zeros(1, 32))
 
 
 def test_loading_with_mismatched_shapes(tmp_path):
@@ -235,11 +235,10 @@ def test_base_model_and_head_checkpoints_load_into_each_other(tmp_path):
     head = ViTRegForImageClassification.from_pretrained(tmp_path / "base", num_labels=4)
     base_state = base.state_dict()
     head_state = head.vitreg.state_dict()
-    assert set(base_state) - set(head_state) == {"embeddings.mask_token"}  # the head never masks
+    assert set(base_state) == set(head_state)  # one config, one module tree
     assert all(torch.equal(value, base_state[key]) for key, value in head_state.items())
     head.save_pretrained(tmp_path / "head")
     back = ViTRegModel.from_pretrained(tmp_path / "head")
     assert isinstance(back.config, ViTRegConfig)
     for key, value in back.state_dict().items():
-        expected = torch.zeros(1, 32) if key == "embeddings.mask_token" else base_state[key]  # re-initialised
-        assert torch.equal(value, expected), key
+        assert torch.equal(value, base_state[key]), key

@@ -185,3 +185,32 @@ def test_id2label_sets_the_head_and_survives_saving(tmp_path):
     loaded = ViTRegForImageClassification.from_pretrained(tmp_path)
     assert loaded.config.id2label == id2label
     assert loaded.config.label2id["dog"] == 1
+
+
+def test_classifier_pooling_cls_reads_the_cls_token_only():
+    config = parity_config(num_labels=3, classifier_pooling="cls")
+    classifier = randomize_(ViTRegForImageClassification(config)).eval()
+    assert classifier.classifier.in_features == config.hidden_size  # DeiT III / ViT: no patch mean
+    pixels = images(32, 44)
+    with torch.no_grad():
+        cls_token = classifier.vitreg(pixels).pooler_output
+        expected = classifier.classifier(cls_token)
+        assert max_diff(classifier(pixels).logits, expected) <= TOL
+    with pytest.raises(ValueError, match="classifier_pooling"):
+        parity_config(classifier_pooling="mean_of_everything")
+    with pytest.raises(ValueError, match="use_cls_token"):
+        parity_config(classifier_pooling="cls", use_cls_token=False, pooling="mean")
+
+
+@pytest.mark.parametrize("use_mask_token", [True, False])
+def test_the_config_alone_decides_the_mask_token(use_mask_token, tmp_path):
+    from vitreg.modeling_vitreg import ViTRegBackbone
+
+    config = parity_config(num_labels=2, use_mask_token=use_mask_token)
+    for model_class in (ViTRegModel, ViTRegForImageClassification, ViTRegBackbone):
+        model = model_class(config)
+        names = [name for name, _ in model.named_parameters() if name.endswith("embeddings.mask_token")]
+        assert len(names) == int(use_mask_token), model_class.__name__
+        model.save_pretrained(tmp_path / model_class.__name__)
+        reloaded, info = model_class.from_pretrained(tmp_path / model_class.__name__, output_loading_info=True)
+        assert not any(info.values()), (model_class.__name__, info)  # saved config and module tree agree

@@ -45,12 +45,31 @@ VITREG_GAP = VisionEncoderFamily(
         "use_swiglu_ffn": True,
         "layerscale_value": None,
         "qkv_bias": False,
+        "use_mask_token": False,
     },
     config_tester_kwargs={"hidden_size": 37, "num_attention_heads": 1},
 )
 
 
-class ViTRegModelTest(VisionEncoderModelTests, ModelTesterMixin, unittest.TestCase):
+class MaskedTraining:
+    """The classifier's training inputs mask a fixed third of the patches when the config has a mask token.
+
+    The config alone decides the module tree, so a classifier with DINOv2's config builds the mask token; the
+    suite's training checks (every parameter gets a gradient) then train it, as masked fine-tuning would.
+    """
+
+    def _prepare_for_class(self, inputs_dict, model_class, return_labels=False):
+        inputs = super()._prepare_for_class(inputs_dict, model_class, return_labels=return_labels)
+        if return_labels and model_class is ViTRegForImageClassification and self.family.config_kwargs.get(
+            "use_mask_token", True
+        ):
+            batch = inputs["pixel_values"].shape[0]
+            inputs["bool_masked_pos"] = torch.zeros(batch, self.model_tester.mask_length, dtype=torch.bool)
+            inputs["bool_masked_pos"][:, ::3] = True
+        return inputs
+
+
+class ViTRegModelTest(MaskedTraining, VisionEncoderModelTests, ModelTesterMixin, unittest.TestCase):
     family = VITREG
     all_model_classes = VITREG.all_model_classes
     # The opt-in for models whose `_init_weights` covers every weight (the suite dates models by a copyright line).
@@ -105,16 +124,17 @@ class ViTRegModelTest(VisionEncoderModelTests, ModelTesterMixin, unittest.TestCa
         config, inputs = self.model_tester.prepare_config_and_inputs_for_common()
         config.drop_path_rate = 0.0
         model = ViTRegForImageClassification(config).train()
-        labels = torch.arange(self.model_tester.batch_size) % config.num_labels
-        model(**inputs, labels=labels).loss.backward()
+        inputs = self._prepare_for_class(inputs, ViTRegForImageClassification, return_labels=True)
+        inputs["labels"] = torch.arange(self.model_tester.batch_size) % config.num_labels
+        model(**inputs).loss.backward()
         expected = {name: p.grad.clone() for name, p in model.named_parameters()}
         model.zero_grad()
-        torch.compile(model, fullgraph=True, backend="aot_eager")(**inputs, labels=labels).loss.backward()
+        torch.compile(model, fullgraph=True, backend="aot_eager")(**inputs).loss.backward()
         for name, p in model.named_parameters():
             torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-4, msg=name)
 
 
-class ViTRegGapModelTest(VisionEncoderModelTests, ModelTesterMixin, unittest.TestCase):
+class ViTRegGapModelTest(MaskedTraining, VisionEncoderModelTests, ModelTesterMixin, unittest.TestCase):
     family = VITREG_GAP
     all_model_classes = VITREG_GAP.all_model_classes
     test_can_init_all_missing_weights_before_2023 = True
