@@ -5,6 +5,9 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vitreg-installed
 TORCH := torch==2.14.1 torchvision==0.29.1
+# DINOv2's own code (April 2023), which the recipe tests compare against; its pins (torch 2.0, xFormers, CUDA
+# packages) do not install here and none of the modules the tests import needs them.
+DINOV2 := dinov2==0.0.1.dev2
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
@@ -17,6 +20,7 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps $(DINOV2)
 	$(PY) scripts/fetch_transformers_tests.py
 	touch $(STAMP)
 

@@ -20,6 +20,7 @@ import timm
 import torch
 from torch import nn
 from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
 from vitreg.modeling_vitreg import ViTRegConfig, ViTRegModel
 from vitreg.modeling_vitreg.modeling_vitreg import ViTRegAttention
 from vitreg.training.flops import vit_forward_flops

@@ -1,18 +1,18 @@
 """Converting a checkpoint file or folder into a Hub-ready ViTReg folder, in batch, and back to DINOv2's layout."""
 
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel
-from vitreg.model_cards import save_model_folder
-from vitreg.modeling_vitreg import ViTRegConfig, ViTRegForImageClassification, ViTRegModel
+from transformers.utils import logging
 
 import vitreg
 from vitreg.core.errors import UserError
-from vitreg.core.folders import check_output_dir
+from vitreg.core.folders import atomic_output_file, check_output_dir
+from vitreg.core.provenance import Parity, Provenance
+from vitreg.model_cards import save_model_folder, write_card
+from vitreg.modeling_vitreg import ViTRegConfig, ViTRegForImageClassification, ViTRegModel
 
 from .architectures import HEAD_KINDS, OFFICIAL_ARCHITECTURES, match_official
 from .checkpoints import load_checkpoint, load_tensors, read_folder_config, sha256
@@ -35,6 +35,7 @@ from .reference import (
     transformers_reference,
 )
 
+logger = logging.get_logger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MAX_SHARD_SIZE = "2GB"  # ViT-g (4.5 GB in float32) comes out in 3 shards
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-2, torch.bfloat16: 2e-1}
@@ -124,35 +125,39 @@ def _short(keys: list[str]) -> str:
     return ", ".join(keys[:3]) + (f" (and {len(keys) - 3} more)" if len(keys) > 3 else "")
 
 
-def provenance_of(source: Path, conversion: Conversion, head: Path | None, progress: bool) -> dict:
-    """The provenance record of a conversion (see model_cards), hashing the source file(s)."""
-    provenance = {"kind": "converted", "source_file": source.name, "source_format": conversion.source_format}
-    if source.is_file():
-        provenance["source_sha256"] = sha256(source, progress)
+def provenance_of(source: Path, conversion: Conversion, head: Path | None, progress: bool) -> Provenance:
+    """The provenance record of a conversion, hashing the source file(s)."""
+    provenance = Provenance(
+        kind="converted",
+        source_file=source.name,
+        source_format=conversion.source_format,
+        source_sha256=sha256(source, progress) if source.is_file() else None,
+        vitreg_version=vitreg.__version__,
+    )
     official = match_official(conversion.config)
     if official and conversion.source_format == "dinov2-hub":
-        provenance.update(official_name=official.name, base_model=official.base_model)
+        provenance.official_name, provenance.base_model = official.name, official.base_model
     if conversion.source_format.startswith("dinov2") or conversion.source_format == "transformers":
-        provenance.update(license="apache-2.0", dinov2=True)
+        provenance.license, provenance.dinov2 = "apache-2.0", True
     if head is not None:
-        provenance.update(head_file=head.name, head_sha256=sha256(head, progress))
-    provenance["converter_version"] = vitreg.__version__
+        provenance.head_file, provenance.head_sha256 = head.name, sha256(head, progress)
     return provenance
 
 
 def verify_folder(
     folder: Path, conversion: Conversion, source_state: dict[str, torch.Tensor], source: Path
-) -> dict | None:
-    """Reload the written folder and compare every token with an independent implementation; None if there is none."""
+) -> tuple[Parity, list[tuple[int, int]], float]:
+    """Reload the written folder and compare every token with an independent implementation.
+
+    Returns the parity at the worst size, the sizes compared and the tolerance of the stored dtype.
+    """
     from transformers import AutoModel, AutoModelForImageClassification
 
     config = conversion.config
     if conversion.source_format == "transformers":
         reference, name = transformers_reference(source), "transformers"
-    elif timm_available():
-        reference, name = timm_reference(source_state, conversion.source_format, config), "timm"
     else:
-        return None
+        reference, name = timm_reference(source_state, conversion.source_format, config), "timm"
     # The references resize position embeddings without DINOv2's 0.1 offset: compare those models at the native size.
     sizes = comparison_sizes(config, native_only=bool(config.interpolate_offset))
     if "classifier.weight" in conversion.state_dict:
@@ -162,13 +167,16 @@ def verify_folder(
     stored_dtype = model.dtype
     differences = max_token_difference(model.float().eval(), reference, sizes)
     worst_size = max(differences, key=differences.get)
-    return {
-        "reference": name,
-        "max_abs_diff": differences[worst_size],
-        "image_size": list(worst_size),
-        "sizes": [list(size) for size in sizes],
-        "tolerance": TOLERANCE[stored_dtype],
-    }
+    return Parity(name, differences[worst_size], worst_size), sizes, TOLERANCE[stored_dtype]
+
+
+def check_verifiable(conversion: Conversion) -> None:
+    """Refuse `--verify` up front when its reference implementation (timm) is not installed."""
+    if conversion.source_format != "transformers" and not timm_available():
+        raise UserError(
+            "--verify compares every token with timm, which is not installed: pip install 'vitreg[convert]' "
+            "(or convert without --verify)"
+        )
 
 
 def convert(
@@ -196,13 +204,15 @@ def convert(
             raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
     conversion, source_state = read_source(source, num_heads)
+    if verify:
+        check_verifiable(conversion)
     if head is not None:
         head = Path(head)
         weights, num_layers = load_official_head(head, conversion.config.hidden_size)
         labels = imagenet_labels(weights["classifier.weight"].shape[0])
         conversion = attach_head(conversion, weights, num_layers, labels)
     for note in conversion.notes:
-        print(f"note: {note}")
+        logger.info(f"note: {note}")
     model = build_model(conversion, dtype, source)
     provenance = provenance_of(source, conversion, head, progress)
     save_model_folder(model, output_dir, provenance, overwrite=overwrite, max_shard_size=MAX_SHARD_SIZE)
@@ -213,21 +223,16 @@ def convert(
 
 
 def _verify_and_record(
-    folder: Path, conversion: Conversion, source_state: dict, source: Path, provenance: dict
+    folder: Path, conversion: Conversion, source_state: dict, source: Path, provenance: Provenance
 ) -> None:
-    from vitreg import model_cards
-    parity = verify_folder(folder, conversion, source_state, source)
-    if parity is None:
-        print("verify: skipped (timm is not installed)")
-        return
-    sizes = ", ".join(f"{h}x{w}" for h, w in parity["sizes"])
-    difference, reference = parity["max_abs_diff"], parity["reference"]
-    print(f"verify: max abs difference {difference:.3g} vs {reference} over every token ({sizes})")
-    tolerance = parity.pop("tolerance")
-    del parity["sizes"]
-    model_cards.write_card(folder, {**provenance, "parity": parity})
-    if parity["max_abs_diff"] > tolerance:
-        raise UserError(f"verification failed: difference {parity['max_abs_diff']:.3g} exceeds {tolerance:g}")
+    parity, sizes, tolerance = verify_folder(folder, conversion, source_state, source)
+    listed = ", ".join(f"{h}x{w}" for h, w in sizes)
+    difference, reference = parity.max_abs_diff, parity.reference
+    logger.info(f"verify: max abs difference {difference:.3g} vs {reference} over every token ({listed})")
+    provenance.parity = parity
+    write_card(folder, provenance)
+    if parity.max_abs_diff > tolerance:
+        raise UserError(f"verification failed: difference {parity.max_abs_diff:.3g} exceeds {tolerance:g}")
 
 
 def official_files(source_dir: Path) -> list[tuple[str, Path, dict[str, Path]]]:
@@ -263,7 +268,7 @@ def convert_batch(source_dir: str | Path, output_dir: str | Path, *, overwrite: 
         check_output_dir(target, overwrite)
     written = []
     for backbone, target, head in jobs:
-        print(f"{backbone.name}{' + ' + head.name if head else ''} -> {target}")
+        logger.info(f"{backbone.name}{' + ' + head.name if head else ''} -> {target}")
         written.append(convert(backbone, target, head=head, overwrite=overwrite, **options))
     return written
 
@@ -274,26 +279,17 @@ def export_dinov2(vitreg_dir: str | Path, output_file: str | Path, *, overwrite:
     folder_config = read_folder_config(vitreg_dir)
     if folder_config is None or folder_config.get("model_type") != ViTRegConfig.model_type:
         raise UserError(f"{vitreg_dir}: not a ViTReg folder (config.json with model_type 'vitreg')")
-    if output_file.exists() and not overwrite:
-        raise UserError(f"{output_file} exists; pass --overwrite to replace it")
     config = ViTRegConfig.from_pretrained(vitreg_dir)
     tensors = load_tensors(vitreg_dir)
     backbone = {
         key.removeprefix("vitreg."): value for key, value in tensors.items() if not key.startswith("classifier.")
     }
     exported = to_dinov2(backbone, config)
-    output_file.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{output_file.name}.tmp-", dir=output_file.parent)
-    os.close(handle)
-    try:
+    with atomic_output_file(output_file, overwrite) as temporary:
         if output_file.suffix == ".safetensors":
             from safetensors.torch import save_file
 
             save_file(exported, temporary)
         else:
             torch.save(exported, temporary)
-        os.replace(temporary, output_file)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
     return output_file

@@ -10,9 +10,9 @@ import re
 from dataclasses import dataclass, field
 
 import torch
-from vitreg.modeling_vitreg import ViTRegConfig
 
 from vitreg.core.errors import UserError
+from vitreg.modeling_vitreg import ViTRegConfig
 
 from .architectures import interpolation
 from .heads import imagenet_labels

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
 from vitreg.modeling_vitreg import ViTRegConfig
 
 

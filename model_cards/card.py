@@ -1,20 +1,20 @@
 """The model card of every folder ViTReg writes: metadata through ModelCardData, body from a Jinja template."""
 
 import json
-import struct
+import math
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from safetensors import safe_open
 
 from vitreg import __version__  # the package root holds only the version
+from vitreg.core.provenance import PROVENANCE_FILE, Parity, Provenance
 
 from . import registry
 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "modelcard.md"
-PROVENANCE_FILE = "provenance.json"  # written beside README.md so `vitreg publish` can regenerate the card
 EXAMPLE_IMAGE_URL = "http://images.cocodataset.org/val2017/000000039769.jpg"  # the usage snippets' one image
 UNPUBLISHED_REPO_ID = "ORG/NAME"  # stands in the snippets until `vitreg publish` writes the real repo id
-KINDS = ("converted", "trained", "random")
 
 REGISTERS_BIBTEX = """@inproceedings{darcet2024registers,
   title     = {Vision Transformers Need Registers},
@@ -63,47 +63,37 @@ def count_parameters(folder: Path) -> int | None:
         return None
     total = 0
     for file in files:
-        with open(file, "rb") as handle:
-            (header_size,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(header_size))
-        for name, entry in header.items():
-            if name != "__metadata__":
-                total += _product(entry["shape"])
+        with safe_open(file, framework="pt") as weights:
+            for name in weights.keys():
+                total += math.prod(weights.get_slice(name).get_shape())
     return total
 
 
-def _product(shape: list[int]) -> int:
-    result = 1
-    for size in shape:
-        result *= size
-    return result
-
-
-def official_model(provenance: dict) -> tuple[registry.OfficialBackbone | None, str | None]:
+def official_model(provenance: Provenance) -> tuple[registry.OfficialBackbone | None, str | None]:
     """The registry row of an official DINOv2 source and its head kind ("linear", "linear4" or None)."""
-    name = provenance.get("official_name")
+    name = provenance.official_name
     if not name:
         return None, None
     backbone = registry.official_backbone(name)
-    head_file = provenance.get("head_file")
+    head_file = provenance.head_file
     return backbone, registry.head_kind_of_file(head_file) if head_file else None
 
 
-def uses_dinov2(provenance: dict) -> bool:
+def uses_dinov2(provenance: Provenance) -> bool:
     """Whether the weights are DINOv2's or come from the DINOv2 recipe (tag and citation apply)."""
     return bool(
-        provenance.get("dinov2")  # set by converters that know the weights are DINOv2's
-        or provenance.get("official_name")
-        or str(provenance.get("source_format", "")).startswith("dinov2")
-        or provenance.get("objective") == "dinov2"
+        provenance.dinov2  # set by converters that know the weights are DINOv2's
+        or provenance.official_name
+        or (provenance.source_format or "").startswith("dinov2")
+        or provenance.objective == "dinov2"
     )
 
 
-def card_data(config: dict, provenance: dict, repo_id: str | None = None) -> ModelCardData:
+def card_data(config: dict, provenance: Provenance, repo_id: str | None = None) -> ModelCardData:
     """The card's YAML metadata: license, library, pipeline tag, tags, datasets, base model, model-index."""
     is_classifier = _is_classifier(config)
     backbone, head = official_model(provenance)
-    datasets = provenance.get("datasets") or ([registry.IMAGENET_DATASET] if backbone and head else None)
+    datasets = provenance.datasets or ([registry.IMAGENET_DATASET] if backbone and head else None)
     eval_results = None
     if backbone:
         eval_results = [
@@ -121,25 +111,25 @@ def card_data(config: dict, provenance: dict, repo_id: str | None = None) -> Mod
             )
         ]
     return ModelCardData(
-        license=provenance.get("license", "apache-2.0"),
+        license=provenance.license,
         library_name="transformers",
         pipeline_tag="image-classification" if is_classifier else "image-feature-extraction",
         tags=["vitreg", "vision", "registers"] + (["dinov2"] if uses_dinov2(provenance) else []),
         datasets=datasets,
-        base_model=provenance.get("base_model") or (backbone.base_model if backbone else None),
+        base_model=provenance.base_model or (backbone.base_model if backbone else None),
         model_name=title(provenance, repo_id) if eval_results else None,
         eval_results=eval_results,
     )
 
 
-def title(provenance: dict, repo_id: str | None) -> str:
+def title(provenance: Provenance, repo_id: str | None) -> str:
     """The card's heading: the repo name, else the official repo name, else the provenance's name."""
     if repo_id:
         return repo_id.split("/")[-1]
     backbone, head = official_model(provenance)
     if backbone:
         return backbone.head_repo_name(head) if head else backbone.repo_name
-    return provenance.get("name") or "ViTReg model"
+    return provenance.name or "ViTReg model"
 
 
 def _is_classifier(config: dict) -> bool:
@@ -147,7 +137,7 @@ def _is_classifier(config: dict) -> bool:
     return architectures[0].endswith("ForImageClassification")
 
 
-def summary(config: dict, provenance: dict) -> str:
+def summary(config: dict, provenance: Provenance) -> str:
     """The opening paragraph: what the model is."""
     backbone, head = official_model(provenance)
     registers = config.get("num_register_tokens", 0)
@@ -160,17 +150,17 @@ def summary(config: dict, provenance: dict) -> str:
             f"A Vision Transformer with {registers} register tokens, patch size {config.get('patch_size')} and width "
             f"{config.get('hidden_size')}, {_kind_sentence(provenance)}"
         )
-    if provenance.get("description"):
-        text += f"\n\n{provenance['description']}"
+    if provenance.description:
+        text += f"\n\n{provenance.description}"
     return text
 
 
-def _kind_sentence(provenance: dict) -> str:
-    kind = provenance["kind"]
+def _kind_sentence(provenance: Provenance) -> str:
+    kind = provenance.kind
     if kind == "converted":
-        return f"converted from {SOURCE_FORMATS.get(provenance.get('source_format'), 'another checkpoint format')}."
+        return f"converted from {SOURCE_FORMATS.get(provenance.source_format, 'another checkpoint format')}."
     if kind == "trained":
-        return f"trained with ViTReg's {OBJECTIVES.get(provenance.get('objective'), 'training recipe')}."
+        return f"trained with ViTReg's {OBJECTIVES.get(provenance.objective, 'training recipe')}."
     return "with random weights (a test or demo artifact)."
 
 
@@ -208,56 +198,60 @@ def details(config: dict, preprocessor: dict, num_parameters: int | None) -> lis
     return rows
 
 
-def provenance_lines(provenance: dict) -> list[str]:
+def provenance_lines(provenance: Provenance) -> list[str]:
     """Bullet points saying how the folder was produced: source and checksum, converter and parity, or recipe."""
-    kind = provenance["kind"]
+    kind = provenance.kind
     backbone, head = official_model(provenance)
     lines = []
     if kind == "converted":
-        source = SOURCE_FORMATS.get(provenance.get("source_format"), "a checkpoint")
+        source = SOURCE_FORMATS.get(provenance.source_format, "a checkpoint")
         lines.append(
-            f"Converted from `{provenance.get('source_file', '?')}` ({source}), "
-            f"sha256 `{provenance.get('source_sha256', 'not recorded')}`."
+            f"Converted from `{provenance.source_file or '?'}` ({source}), "
+            f"sha256 `{provenance.source_sha256 or 'not recorded'}`."
         )
         if backbone:
             lines.append(
                 f"The source is the official DINOv2 model `{backbone.name}` ({registry.DINOV2_REPO_URL}); "
                 f"the same weights are on the Hub as `{backbone.base_model}`."
             )
-        if provenance.get("head_file"):
-            head_sha = provenance.get("head_sha256", "not recorded")
+        if provenance.head_file:
+            head_sha = provenance.head_sha256 or "not recorded"
             what = f": {registry.HEADS[head].description}." if head else "."
-            lines.append(f"Linear head from `{provenance['head_file']}`, sha256 `{head_sha}`{what}")
-        lines.append(f"Converter: vitreg {provenance.get('converter_version', 'version not recorded')}.")
-        lines.append(_parity_line(provenance.get("parity")))
+            lines.append(f"Linear head from `{provenance.head_file}`, sha256 `{head_sha}`{what}")
+        lines.append(f"Converter: vitreg {provenance.vitreg_version or 'version not recorded'}.")
+        lines.append(_parity_line(provenance.parity))
     elif kind == "trained":
-        objective = OBJECTIVES.get(provenance.get("objective"), f"`{provenance.get('objective', '?')}`")
+        objective = OBJECTIVES.get(provenance.objective, f"`{provenance.objective or '?'}`")
         lines.append(f"Trained from scratch with ViTReg's {objective}.")
         lines.append(
-            f"Recipe `{provenance.get('config_file', 'not recorded')}`, {provenance.get('steps', '?')} steps on "
-            f"{provenance.get('num_processes', 1)} process(es), dataset `{provenance.get('dataset', 'not recorded')}`."
+            f"Recipe `{provenance.config_file or 'not recorded'}`, {provenance.steps or '?'} steps on "
+            f"{provenance.num_processes or 1} process(es), dataset {_datasets_text(provenance)}."
         )
-        final_loss = provenance.get("final_loss")
+        final_loss = provenance.final_loss
         lines.append("Final loss not recorded." if final_loss is None else f"Final training loss: {final_loss:.4f}.")
     else:
         lines.append("Randomly initialised weights: a test or demo artifact that has learned nothing.")
-    if provenance.get("base_model") and not backbone:
-        lines.append(f"Base model: `{provenance['base_model']}`.")
+    if provenance.base_model and not backbone:
+        lines.append(f"Base model: `{provenance.base_model}`.")
     lines.append(f"Folder and card written by vitreg {__version__}; the same facts are in `{PROVENANCE_FILE}`.")
     return lines
 
 
-def _parity_line(parity: dict | None) -> str:
-    if not parity:
+def _parity_line(parity: Parity | None) -> str:
+    if parity is None:
         return "Parity against a reference implementation was not measured for this folder."
-    height, width = parity.get("image_size", ["?", "?"])
+    height, width = parity.image_size
     return (
-        f"Parity measured at conversion: max |difference| = {parity['max_abs_diff']:.2e} between this model's "
-        f"outputs and the {parity.get('reference', 'reference')} implementation's on a {height}x{width} input."
+        f"Parity measured at conversion: max |difference| = {parity.max_abs_diff:.2e} between this model's "
+        f"outputs and the {parity.reference} implementation's on a {height}x{width} input."
     )
 
 
-def results(provenance: dict) -> list[dict]:
+def _datasets_text(provenance: Provenance) -> str:
+    return ", ".join(f"`{name}`" for name in provenance.datasets) or "not recorded"
+
+
+def results(provenance: Provenance) -> list[dict]:
     """Rows of the "Results" table: published numbers of official models (none otherwise)."""
     backbone, _ = official_model(provenance)
     if not backbone:
@@ -272,18 +266,18 @@ def results(provenance: dict) -> list[dict]:
     ]
 
 
-def limitations(config: dict, provenance: dict) -> list[str]:
+def limitations(config: dict, provenance: Provenance) -> list[str]:
     """Bullet points on what the model is not good for."""
     backbone, head = official_model(provenance)
     lines = []
-    if provenance["kind"] == "random":
+    if provenance.kind == "random":
         lines.append("The weights are random: outputs carry no meaning. Use this folder only to test plumbing.")
-    if provenance["kind"] == "trained":
+    if provenance.kind == "trained":
         lines.append(
             "Trained with the budget recorded above; expect far weaker features than published backbones such as "
             "DINOv2's, trained on 142M images for hundreds of thousands of steps."
         )
-    if provenance["kind"] == "converted" and not provenance.get("parity"):
+    if provenance.kind == "converted" and not provenance.parity:
         lines.append("No numerical parity with the source implementation was measured for this conversion.")
     if not config.get("num_register_tokens"):
         lines.append("Without registers, expect high-norm artifact tokens in background patches of large models.")
@@ -302,28 +296,26 @@ def limitations(config: dict, provenance: dict) -> list[str]:
     return lines
 
 
-def license_notes(provenance: dict) -> list[str]:
+def license_notes(provenance: Provenance) -> list[str]:
     """Bullet points on the licenses that apply to this folder."""
     backbone, head = official_model(provenance)
-    lines = [f"Card license field: `{provenance.get('license', 'apache-2.0')}`."]
-    if uses_dinov2(provenance) and provenance["kind"] == "converted":
+    lines = [f"Card license field: `{provenance.license}`."]
+    if uses_dinov2(provenance) and provenance.kind == "converted":
         lines.append("DINOv2 code and weights are released by Meta under the Apache License 2.0.")
-    if head or (provenance.get("datasets") and registry.IMAGENET_DATASET in provenance["datasets"]):
+    if head or (provenance.datasets and registry.IMAGENET_DATASET in provenance.datasets):
         lines.append("ImageNet-1k, on which the head was trained, is available under its own research terms.")
-    if provenance["kind"] == "trained":
+    if provenance.kind == "trained":
         lines.append(
-            f"The weights were trained on {provenance.get('dataset', 'the recorded dataset')}: check its license "
+            f"The weights were trained on {_datasets_text(provenance)}: check its license "
             "before redistributing them."
         )
     lines.append("The model code (`configuration_vitreg.py`, `modeling_vitreg.py`) is ViTReg's, Apache License 2.0.")
     return lines
 
 
-def build_card(folder: str | Path, provenance: dict, repo_id: str | None = None) -> ModelCard:
+def build_card(folder: str | Path, provenance: Provenance, repo_id: str | None = None) -> ModelCard:
     """The card of the ViTReg folder `folder` (which holds config.json), given how it was produced."""
     folder = Path(folder)
-    if provenance.get("kind") not in KINDS:
-        raise ValueError(f"provenance['kind'] must be one of {KINDS}, got {provenance.get('kind')!r}")
     config = read_json(folder / "config.json")
     if not config:
         raise ValueError(f"{folder} has no config.json: save the model before writing its card")
@@ -359,14 +351,14 @@ def build_card(folder: str | Path, provenance: dict, repo_id: str | None = None)
     )
 
 
-def write_card(folder: str | Path, provenance: dict, repo_id: str | None = None) -> ModelCard:
+def write_card(folder: str | Path, provenance: Provenance, repo_id: str | None = None) -> ModelCard:
     """Write `README.md` and `provenance.json` into `folder` and return the card."""
     card = build_card(folder, provenance, repo_id)
     card.save(Path(folder) / "README.md")
-    (Path(folder) / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True, default=str) + "\n")
+    provenance.save(folder)
     return card
 
 
-def read_provenance(folder: str | Path) -> dict:
-    """The provenance `write_card` stored in `folder` ({} when there is none)."""
-    return read_json(Path(folder) / PROVENANCE_FILE)
+def read_provenance(folder: str | Path) -> Provenance | None:
+    """The provenance `write_card` stored in `folder` (None when there is none)."""
+    return Provenance.load(folder)

@@ -6,6 +6,7 @@ from transformers import PreTrainedModel
 
 from vitreg.core.folders import atomic_output_dir
 from vitreg.core.images import image_processor
+from vitreg.core.provenance import Provenance
 
 from .card import write_card
 
@@ -13,7 +14,7 @@ from .card import write_card
 def save_model_folder(
     model: PreTrainedModel,
     output_dir: str | Path,
-    provenance: dict,
+    provenance: Provenance,
     *,
     overwrite: bool = False,
     crop_size: int = 224,

@@ -13,8 +13,9 @@ from huggingface_hub import ModelCard, constants
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
 from vitreg.core.errors import UserError
+from vitreg.core.provenance import PROVENANCE_FILE, Provenance
 
-from .card import PROVENANCE_FILE, build_card, read_provenance
+from .card import build_card, read_provenance
 
 LOAD_CHECK = Path(__file__).with_name("load_check.py")
 IGNORE_PATTERNS = [".*", "**/.*", "__pycache__", "**/__pycache__/**", "*.pyc"]  # never part of a model repo
@@ -152,18 +153,17 @@ def hub_token(token: str | None) -> str:
     return token
 
 
-def commit_message(provenance: dict) -> str:
+def commit_message(provenance: Provenance) -> str:
     """A commit title naming where the weights come from."""
-    kind = provenance.get("kind")
-    if kind == "converted":
-        source = provenance.get("official_name") or provenance.get("source_file", "a checkpoint")
-        sha = provenance.get("source_sha256", "")
-        head = f" + {provenance['head_file']}" if provenance.get("head_file") else ""
+    if provenance.kind == "converted":
+        source = provenance.official_name or provenance.source_file or "a checkpoint"
+        sha = provenance.source_sha256 or ""
+        head = f" + {provenance.head_file}" if provenance.head_file else ""
         return f"Upload ViTReg conversion of {source}{head}" + (f" (sha256 {sha[:12]})" if sha else "")
-    if kind == "trained":
+    if provenance.kind == "trained":
         return (
-            f"Upload ViTReg model trained with {provenance.get('objective', 'vitreg')} "
-            f"({provenance.get('config_file', 'recipe')}, {provenance.get('steps', '?')} steps)"
+            f"Upload ViTReg model trained with {provenance.objective or 'vitreg'} "
+            f"({provenance.config_file or 'recipe'}, {provenance.steps or '?'} steps)"
         )
     return "Upload randomly initialised ViTReg model"
 
@@ -185,6 +185,8 @@ def publish_folder(
     if validate:
         validate_folders([folder])
     provenance = read_provenance(folder)
+    if provenance is None:
+        raise UserError(f"{folder} has no {PROVENANCE_FILE}: re-save it with ViTReg")
     card = build_card(folder, provenance, repo_id)
     result = PublishResult(folder, repo_id, commit_message=commit_message(provenance))
     if dry_run:  # the folder stays as it is: list what would go up, the card at its new size
@@ -199,9 +201,8 @@ def publish_folder(
 
 def upload(folder: Path, repo_id: str, message: str, private: bool, revision: str | None, token: str) -> str:
     """create_repo + upload_folder; Hub and network errors become one-line UserErrors."""
-    import httpx2
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+    from huggingface_hub.errors import HTTPError, OfflineModeIsEnabled
 
     api = HfApi(token=token)
     try:
@@ -215,7 +216,8 @@ def upload(folder: Path, repo_id: str, message: str, private: bool, revision: st
             commit_message=message,
             ignore_patterns=list(IGNORE_PATTERNS),
         )
-    except (HfHubHTTPError, OfflineModeIsEnabled, httpx2.HTTPError, OSError, ValueError) as error:
+    # huggingface_hub's own HTTP error base (httpx's or httpx2's, whichever its release uses) covers HfHubHTTPError.
+    except (HTTPError, OfflineModeIsEnabled, OSError, ValueError) as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise UserError(f"publishing {folder} to {repo_id} failed: {reason}") from None
     return info.commit_url

@@ -5,6 +5,7 @@ import torch
 from huggingface_hub.errors import HFValidationError
 from test_modeling_parity import images, make_vitreg, max_diff, parity_config
 from transformers import AutoBackbone, UperNetConfig, UperNetForSemanticSegmentation
+
 from vitreg.modeling_vitreg import ViTRegBackbone
 
 TOL = 1e-5

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
 from vitreg.conversion import (
     OFFICIAL_ARCHITECTURES,
     build_model,
@@ -307,6 +308,7 @@ def test_real_vits14_reg4_shape_matches_timm(tmp_path):
     torch.save(state, tmp_path / "dinov2_vits14_reg4_pretrain.pth")
     folder = convert(tmp_path / "dinov2_vits14_reg4_pretrain.pth", tmp_path / "out", progress=False)
     from transformers import AutoModel
+
     from vitreg.conversion.checkpoints import read_folder_config
 
     provenance = json.loads((folder / "provenance.json").read_text())

@@ -1,6 +1,7 @@
 """Casting during conversion releases the memory-mapped source pages without changing any value."""
 
 import torch
+
 from vitreg.conversion import read_source, write_random_checkpoint
 from vitreg.conversion.memory import cast_releasing, mapped_ranges
 

@@ -1,6 +1,7 @@
 """Model cards: metadata read back with ModelCard.load, the official registry, and the card's snippets executed
 against the folder served from an offline Hub cache, as a user without the vitreg package would run them."""
 
+import dataclasses
 import json
 import os
 import re
@@ -13,39 +14,41 @@ import torch
 from conftest import tiny_config
 from huggingface_hub import ModelCard
 from transformers import AutoImageProcessor
-from vitreg.model_cards import registry, save_model_folder
-from vitreg.model_cards.card import EXAMPLE_IMAGE_URL, PROVENANCE_FILE, UNPUBLISHED_REPO_ID, build_card, read_provenance
-from vitreg.modeling_vitreg import ViTRegForImageClassification, ViTRegModel
 
 from vitreg import model_cards
+from vitreg.core.errors import UserError
+from vitreg.core.provenance import PROVENANCE_FILE, Parity, Provenance
+from vitreg.model_cards import registry, save_model_folder
+from vitreg.model_cards.card import EXAMPLE_IMAGE_URL, UNPUBLISHED_REPO_ID, build_card, read_provenance
+from vitreg.modeling_vitreg import ViTRegForImageClassification, ViTRegModel
 
-CONVERTED = {
-    "kind": "converted",
-    "official_name": "dinov2_vitb14_reg4",
-    "source_file": "dinov2_vitb14_reg4_pretrain.pth",
-    "source_sha256": "5" * 64,
-    "source_format": "dinov2-hub",
-    "converter_version": "0.1.0",
-    "parity": {"reference": "timm", "max_abs_diff": 3.25e-06, "image_size": [224, 224]},
-}
-WITH_HEAD = {**CONVERTED, "head_file": "dinov2_vitb14_reg4_linear4_head.pth", "head_sha256": "7" * 64}
-TRAINED = {
-    "kind": "trained",
-    "objective": "supervised",
-    "config_file": "tiny.yaml",
-    "steps": 120,
-    "final_loss": 2.71828,
-    "dataset": "six scikit-image photos",
-    "num_processes": 2,
-    "num_register_tokens": 4,
-    "license": "mit",
-}
+CONVERTED = Provenance(
+    kind="converted",
+    official_name="dinov2_vitb14_reg4",
+    source_file="dinov2_vitb14_reg4_pretrain.pth",
+    source_sha256="5" * 64,
+    source_format="dinov2-hub",
+    vitreg_version="0.1.0",
+    parity=Parity(reference="timm", max_abs_diff=3.25e-06, image_size=(224, 224)),
+)
+WITH_HEAD = dataclasses.replace(CONVERTED, head_file="dinov2_vitb14_reg4_linear4_head.pth", head_sha256="7" * 64)
+TRAINED = Provenance(
+    kind="trained",
+    objective="supervised",
+    config_file="tiny.yaml",
+    steps=120,
+    final_loss=2.71828,
+    datasets=["six-scikit-image-photos"],
+    num_processes=2,
+    license="mit",
+)
+RANDOM = Provenance(kind="random")
 # The published ImageNet-1k top-1 of /work/shared/reference/dinov2-checkpoints.md (without / with registers).
 PUBLISHED_TOP1 = {"s": (81.1, 80.8), "b": (84.5, 84.4), "l": (86.3, 86.5), "g": (86.5, 87.0)}
 HUB_REVISION = "0123456789abcdef0123456789abcdef01234567"  # snapshot folders are named by 40-hex commit ids
 
 
-def save(tmp_path: Path, name: str, provenance: dict, classifier: bool = False) -> Path:
+def save(tmp_path: Path, name: str, provenance: Provenance, classifier: bool = False) -> Path:
     """A tiny ViTReg folder written the way every ViTReg folder is: through vitreg.model_cards.save_model_folder."""
     if classifier:
         config = tiny_config(num_labels=6, classifier_num_layers=2, id2label={i: f"class {i}" for i in range(6)})
@@ -115,7 +118,7 @@ def test_trained_card_has_recipe_and_no_published_results(tmp_path):
 
 
 def test_repo_id_goes_into_title_and_snippets(tmp_path):
-    folder = save(tmp_path, "random", {"kind": "random"})
+    folder = save(tmp_path, "random", RANDOM)
     card = build_card(folder, read_provenance(folder), repo_id="my-org/tiny-reg4")
     assert card.text.lstrip().startswith("# tiny-reg4")
     assert card.text.count('repo_id = "my-org/tiny-reg4"') == 2 and UNPUBLISHED_REPO_ID not in card.text
@@ -134,7 +137,7 @@ def test_repo_id_goes_into_title_and_snippets(tmp_path):
 )  # fmt: skip
 def test_card_describes_the_token_layout_of_the_config(tmp_path, fields, order, interpolation):
     (tmp_path / "config.json").write_text(json.dumps(tiny_config(**fields).to_dict()))
-    text = build_card(tmp_path, {"kind": "converted", "source_format": "timm"}).text
+    text = build_card(tmp_path, Provenance(kind="converted", source_format="timm")).text
     assert f"every token, in the order `{order}`" in text
     assert f"interpolated {interpolation}" in text
     prefix = order.count("CLS") + 4 * order.count("registers")
@@ -142,12 +145,26 @@ def test_card_describes_the_token_layout_of_the_config(tmp_path, fields, order, 
     assert ("the mean of the patch tokens" in text) == ("CLS" not in order)
 
 
-def test_provenance_needs_a_known_kind(tmp_path):
-    folder = save(tmp_path, "random", {"kind": "random"})
+def test_provenance_is_one_typed_record(tmp_path):
+    folder = save(tmp_path, "random", RANDOM)
     with pytest.raises(ValueError, match="kind"):
-        build_card(folder, {"source_file": "x.pth"})
+        Provenance(kind="downloaded")
+    with pytest.raises(ValueError, match="unknown provenance field"):
+        Provenance.from_dict({"kind": "random", "sorce_file": "x.pth"})
     with pytest.raises(KeyError, match="dinov2_vitx14"):
-        build_card(folder, {"kind": "converted", "official_name": "dinov2_vitx14"})
+        build_card(folder, Provenance(kind="converted", official_name="dinov2_vitx14"))
+    # vitreg 0.1 wrote `dataset` (which the card never read) and `converter_version`: both still load.
+    legacy = Provenance.from_dict({"kind": "trained", "dataset": "imagenet-1k", "converter_version": "0.1.0"})
+    assert legacy.datasets == ["imagenet-1k"] and legacy.vitreg_version == "0.1.0"
+    (folder / PROVENANCE_FILE).write_text("{not json")
+    with pytest.raises(UserError, match="not a valid provenance record"):
+        read_provenance(folder)
+
+
+def test_a_trained_models_card_carries_its_dataset(tmp_path):
+    card = ModelCard.load(save(tmp_path, "trained", TRAINED) / "README.md")
+    assert card.data.datasets == ["six-scikit-image-photos"]
+    assert "dataset `six-scikit-image-photos`" in card.text
 
 
 @pytest.mark.parametrize("name", sorted(registry.OFFICIAL_BACKBONES))
@@ -165,7 +182,7 @@ def test_every_official_backbone_gets_its_registry_facts(tmp_path, name):
     folder.mkdir()
     config = tiny_config(num_register_tokens=backbone.num_register_tokens)
     (folder / "config.json").write_text(json.dumps(config.to_dict()))
-    card = build_card(folder, {**CONVERTED, "official_name": name, "source_file": backbone.pretrain_file})
+    card = build_card(folder, dataclasses.replace(CONVERTED, official_name=name, source_file=backbone.pretrain_file))
     assert card.data.base_model == backbone.base_model
     assert card.data.eval_results[0].metric_value == backbone.imagenet_linear_top1
     assert card.text.lstrip().startswith(f"# {backbone.repo_name}")
@@ -174,6 +191,7 @@ def test_every_official_backbone_gets_its_registry_facts(tmp_path, name):
 
 def test_registry_rows_build_the_official_models():
     import torch
+
     from vitreg.conversion.architectures import HEAD_KINDS, official_config
     from vitreg.modeling_vitreg import ViTRegModel
 

@@ -20,6 +20,7 @@ from conftest import tiny_config
 from timm.layers import SwiGLUPacked
 from torch import nn
 from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
 from vitreg.modeling_vitreg import ViTRegConfig, ViTRegModel
 
 TOL = 1e-5

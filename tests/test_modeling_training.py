@@ -8,6 +8,7 @@ import torch
 from conftest import tiny_config
 from test_modeling_parity import images, make_vitreg, max_diff, parity_config, randomize_
 from transformers import AutoModel, PreTrainedModel, set_seed
+
 from vitreg.modeling_vitreg import ViTRegBackbone, ViTRegConfig, ViTRegForImageClassification, ViTRegModel
 
 TOL = 1e-5

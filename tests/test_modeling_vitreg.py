@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_config
 from test_modeling_parity import images, make_timm, make_vitreg, max_diff, parity_config, randomize_
+
 from vitreg.modeling_vitreg import ViTRegForImageClassification, ViTRegModel
 
 TOL = 1e-5

@@ -13,6 +13,8 @@ import torch
 from conftest import tiny_config
 from test_modeling_parity import max_diff, randomize_
 from transformers import AutoImageProcessor, pipeline
+
+from vitreg.core.provenance import Provenance
 from vitreg.model_cards import save_model_folder
 from vitreg.modeling_vitreg import ViTRegBackbone, ViTRegForImageClassification, ViTRegModel
 
@@ -28,7 +30,7 @@ def classifier_folder(tmp_path_factory):
     config = tiny_config(id2label=LABELS, label2id={v: k for k, v in LABELS.items()})
     model = randomize_(ViTRegForImageClassification(config))
     folder = tmp_path_factory.mktemp("models") / "vitreg-tiny"
-    save_model_folder(model, folder, {"kind": "random", "name": "vitreg-tiny"}, crop_size=CROP)
+    save_model_folder(model, folder, Provenance(kind="random", name="vitreg-tiny"), crop_size=CROP)
     return folder
 
 

@@ -2,6 +2,7 @@
 form, and the upload through huggingface_hub's real HfApi client with only its HTTP transport stood in for."""
 
 import base64
+import dataclasses
 import json
 import os
 import re
@@ -14,20 +15,20 @@ import pytest
 from conftest import tiny_config
 from huggingface_hub import ModelCard, constants
 from huggingface_hub.utils import _http as hub_http
-from vitreg.model_cards import publish, save_model_folder
-from vitreg.model_cards.card import PROVENANCE_FILE
-from vitreg.modeling_vitreg import ViTRegForImageClassification, ViTRegModel
 
 from vitreg.cli import main as vitreg_main
 from vitreg.core.errors import UserError
+from vitreg.core.provenance import PROVENANCE_FILE, Provenance
+from vitreg.model_cards import publish, save_model_folder
+from vitreg.modeling_vitreg import ViTRegForImageClassification, ViTRegModel
 
-PROVENANCE = {
-    "kind": "converted",
-    "source_file": "my_vit_reg.pth",
-    "source_sha256": "ab12" * 16,
-    "source_format": "timm",
-    "converter_version": "0.1.0",
-}
+PROVENANCE = Provenance(
+    kind="converted",
+    source_file="my_vit_reg.pth",
+    source_sha256="ab12" * 16,
+    source_format="timm",
+    vitreg_version="0.1.0",
+)
 
 
 @pytest.fixture
@@ -274,7 +275,8 @@ def test_batch_dry_run_publishes_every_folder_under_one_org(tmp_path, no_token, 
     root = tmp_path / "converted"
     save_model_folder(ViTRegModel(tiny_config()), root / "tiny-reg4", PROVENANCE)
     classifier = ViTRegForImageClassification(tiny_config(num_labels=3))
-    save_model_folder(classifier, root / "heads" / "tiny-reg4-head", {**PROVENANCE, "head_file": "head.pth"})
+    with_head = dataclasses.replace(PROVENANCE, head_file="head.pth")
+    save_model_folder(classifier, root / "heads" / "tiny-reg4-head", with_head)
     (root / "notes").mkdir()
     (root / "notes" / "config.json").write_text('{"model_type": "vit"}')  # not a ViTReg folder: skipped
 

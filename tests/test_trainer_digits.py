@@ -7,6 +7,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments, set_seed
+
 from vitreg.modeling_vitreg import ViTRegConfig, ViTRegForImageClassification
 
 IMAGE_SIZE = 28

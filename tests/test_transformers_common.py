@@ -18,6 +18,7 @@ from transformers_suite.vision_encoder import (
     VisionEncoderFamily,
     VisionEncoderModelTests,
 )
+
 from vitreg.modeling_vitreg import ViTRegBackbone, ViTRegConfig, ViTRegForImageClassification, ViTRegModel
 
 VITREG = VisionEncoderFamily(

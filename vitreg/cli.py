@@ -1,21 +1,44 @@
-"""`vitreg` console command: one entry point, one subcommand per job, each implemented in its own package."""
+"""`vitreg` console command: one entry point, one subcommand per job, each implemented in its own package.
+
+The command is the top layer: it imports the tools, nothing imports it.
+"""
 
 import argparse
 import importlib
+import logging
 import sys
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from . import __version__
 from .core.errors import UserError
 
-# name -> (module implementing it, one-line help). Each module defines
-# `add_arguments(parser: argparse.ArgumentParser) -> None` and `run(args: argparse.Namespace) -> int`.
-# Modules are imported only when their subcommand runs, so `vitreg --help` stays instant.
+
+class Subcommand(NamedTuple):
+    """A `vitreg` subcommand: the module implementing it, the extra installing its dependencies, one-line help.
+
+    The module defines `add_arguments(parser: argparse.ArgumentParser) -> None` and
+    `run(args: argparse.Namespace) -> int`. It is imported only when its subcommand runs, so `vitreg --help` is instant.
+    """
+
+    module: str
+    extra: str
+    help: str
+
+
 SUBCOMMANDS = {
-    "convert": ("vitreg.conversion.cli", "convert DINOv2 / timm / transformers checkpoints into ViTReg folders"),
-    "pretrain": ("vitreg.training.pretrain", "pretrain a ViT with registers (DINOv2 self-supervised or supervised)"),
-    "publish": ("vitreg.model_cards.publish", "validate a ViTReg folder and publish it to the Hugging Face Hub"),
-    "analyze": ("vitreg.analysis.cli", "measure high-norm artifact tokens and attention maps of a model"),
+    "convert": Subcommand(
+        "vitreg.conversion.cli", "convert", "convert DINOv2 / timm / transformers checkpoints into ViTReg folders"
+    ),
+    "pretrain": Subcommand(
+        "vitreg.training.pretrain", "train", "pretrain a ViT with registers (DINOv2 self-supervised or supervised)"
+    ),
+    "publish": Subcommand(
+        "vitreg.model_cards.publish", "publish", "validate a ViTReg folder and publish it to the Hugging Face Hub"
+    ),
+    "analyze": Subcommand(
+        "vitreg.analysis.cli", "analysis", "measure high-norm artifact tokens and attention maps of a model"
+    ),
 }
 
 
@@ -23,13 +46,66 @@ def build_parser() -> argparse.ArgumentParser:
     """The top-level parser: lists subcommands without importing them."""
     parser = argparse.ArgumentParser(
         prog="vitreg",
-        description="Vision Transformers with registers: convert, pretrain, publish and analyse.",
+        description="Vision Transformers with registers: convert, pretrain, publish and analyse. Every flag is "
+        "accepted with dashes or underscores (--output-dir or --output_dir).",
     )
     parser.add_argument("--version", action="version", version=f"vitreg {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (_, help_text) in SUBCOMMANDS.items():
-        commands.add_parser(name, help=help_text, add_help=False)
+    for name, subcommand in SUBCOMMANDS.items():
+        commands.add_parser(name, help=subcommand.help, add_help=False)
     return parser
+
+
+def normalize_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """`argv` with every long flag spelled as `parser` knows it: `--output-dir` and `--output_dir` are one flag."""
+    known = {option for action in parser._actions for option in action.option_strings if option.startswith("--")}
+    by_key = {option.replace("_", "-"): option for option in known}
+    normalized = []
+    for arg in argv:
+        if arg == "--":  # everything after it is positional
+            normalized.extend(argv[len(normalized) :])
+            break
+        name, sep, value = arg.partition("=")
+        if name.startswith("--") and name not in known:
+            name = by_key.get(name.replace("_", "-"), name)
+        normalized.append(name + sep + value)
+    return normalized
+
+
+def import_subcommand(name: str):
+    """The module of subcommand `name`; a missing optional dependency names the extra that installs it."""
+    subcommand = SUBCOMMANDS[name]
+    try:
+        return importlib.import_module(subcommand.module)
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] == "vitreg":
+            raise
+        raise UserError(
+            f"needs the package {error.name!r}, which the [{subcommand.extra}] extra installs: "
+            f"pip install 'vitreg[{subcommand.extra}]'"
+        ) from None
+
+
+class CurrentStderrHandler(logging.StreamHandler):
+    """A stream handler writing to `sys.stderr` as it is at each message (callers and tests may replace it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ assigns one; the property always answers the current stderr
+        pass
+
+
+def show_library_logs() -> None:
+    """Library functions log through `vitreg.*` loggers; the command shows their INFO messages on stderr."""
+    logger = logging.getLogger("vitreg")
+    if not any(isinstance(handler, CurrentStderrHandler) for handler in logger.handlers):
+        handler = CurrentStderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -41,10 +117,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     name = argv[0]
-    module = importlib.import_module(SUBCOMMANDS[name][0])
-    sub = argparse.ArgumentParser(prog=f"vitreg {name}", description=SUBCOMMANDS[name][1])
+    try:
+        module = import_subcommand(name)
+    except UserError as error:
+        print(f"vitreg {name}: error: {error}", file=sys.stderr)
+        return 1
+    sub = argparse.ArgumentParser(prog=f"vitreg {name}", description=SUBCOMMANDS[name].help)
     module.add_arguments(sub)
-    args = sub.parse_args(argv[1:])
+    args = sub.parse_args(normalize_flags(sub, argv[1:]))
+    show_library_logs()
     try:
         return int(module.run(args) or 0)
     except UserError as error:

@@ -41,6 +41,7 @@ def feature_extraction(workdir: Path, photos: list[Path]) -> None:
     """Build a small ViTReg, save it, and extract features from the photos through the pipeline."""
     from transformers import pipeline
 
+    from vitreg.core.provenance import Provenance
     from vitreg.model_cards import save_model_folder
     from vitreg.modeling_vitreg import ViTRegConfig, ViTRegModel
 
@@ -51,7 +52,7 @@ def feature_extraction(workdir: Path, photos: list[Path]) -> None:
         num_register_tokens=4, layerscale_value=1e-5,
     )  # fmt: skip
     folder = save_model_folder(
-        ViTRegModel(config), workdir / "vitreg-small-random", {"kind": "random"}, overwrite=True
+        ViTRegModel(config), workdir / "vitreg-small-random", Provenance(kind="random"), overwrite=True
     )
     print(f"saved {folder} ({', '.join(sorted(p.name for p in folder.iterdir()))})")
     extractor = pipeline("image-feature-extraction", model=str(folder))

@@ -1,0 +1,122 @@
+"""The installed package: one import name that a user's folders cannot shadow, layers that point one way, extras,
+and the command's contracts (flag spellings, a missing extra named in one line, --verify without timm)."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tomllib
+
+from vitreg.cli import main, normalize_flags
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOLS = ("conversion", "training", "analysis", "model_cards")
+# Which of the package's layers each folder may import (besides itself): everything points down to the model.
+ALLOWED = {
+    "modeling_vitreg": set(),
+    "vitreg/core": {"core"},
+    "model_cards": {"core", "modeling_vitreg", "model_cards"},
+    "conversion": {"core", "modeling_vitreg", "model_cards", "conversion"},
+    "training": {"core", "modeling_vitreg", "model_cards", "training"},
+    "analysis": {"core", "modeling_vitreg", "analysis"},
+}
+
+
+def test_a_users_folders_named_like_the_tools_cannot_shadow_them(tmp_path):
+    for name in (*TOOLS, "modeling_vitreg", "core"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(f"raise ImportError('the user\\'s own {name} was imported')\n")
+    (tmp_path / "modeling_vitreg.py").write_text("raise ImportError('a downloaded remote-code file was imported')\n")
+    code = "import vitreg.training.pretrain, vitreg.conversion, vitreg.analysis, vitreg.model_cards, vitreg.cli"
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, capture_output=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "vitreg.training.pretrain", "--help"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 0 and "--output_dir" in done.stdout.replace("--output-dir", "--output_dir")
+
+
+def test_one_import_name_is_installed():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = project["tool"]["setuptools"]["packages"]
+    assert {name.split(".")[0] for name in packages} == {"vitreg"}
+    for name, folder in project["tool"]["setuptools"]["package-dir"].items():
+        assert (ROOT / folder / "__init__.py").is_file(), name
+
+
+def vitreg_imports(path: Path) -> set[str]:
+    """The `vitreg.<layer>` names a module imports (absolute imports only; relative ones stay in their folder)."""
+    layers = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "vitreg" and len(parts) > 1 and parts[1] not in ("__version__",):
+                layers.add(parts[1])
+    return layers
+
+
+@pytest.mark.parametrize("folder", sorted(ALLOWED))
+def test_layers_point_one_way(folder):
+    for path in sorted((ROOT / folder).rglob("*.py")):
+        used = vitreg_imports(path) - ALLOWED[folder]
+        # Names that are modules of an allowed layer (e.g. `vitreg.model_cards.registry` -> model_cards) are fine;
+        # anything else is a layer this folder must not reach.
+        assert not used, f"{path.relative_to(ROOT)} imports vitreg.{sorted(used)}"
+    # Nothing imports the command.
+    for path in sorted((ROOT / folder).rglob("*.py")):
+        assert "cli" not in vitreg_imports(path) and "demo" not in vitreg_imports(path), path
+
+
+def test_the_model_alone_needs_four_packages():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = {spec.split(">")[0].split("=")[0].split("<")[0] for spec in project["dependencies"]}
+    assert names == {"torch", "transformers", "safetensors", "huggingface-hub"}
+    assert all("<" not in spec for spec in project["dependencies"])  # floors, no caps
+    assert {"convert", "train", "analysis", "publish", "all", "test"} <= set(project["optional-dependencies"])
+
+
+def test_every_flag_takes_dashes_or_underscores():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--num-heads", type=int)
+    parser.add_argument("--output_dir")
+    argv = normalize_flags(parser, ["--num_heads", "3", "--output-dir=x", "--", "--num_heads"])
+    assert argv == ["--num-heads", "3", "--output_dir=x", "--", "--num_heads"]
+    args = parser.parse_args(argv[:3])
+    assert (args.num_heads, args.output_dir) == (3, "x")
+
+
+def test_a_missing_extra_is_named(monkeypatch, capsys):
+    import importlib
+
+    real = importlib.import_module
+
+    def without_datasets(name, *args):
+        if name == "vitreg.training.pretrain":
+            raise ModuleNotFoundError("No module named 'datasets'", name="datasets")
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", without_datasets)
+    assert main(["pretrain", "--help"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "vitreg pretrain: error: needs the package 'datasets', which the [train] extra installs: "
+        "pip install 'vitreg[train]'"
+    )
+
+
+def test_verify_without_timm_fails_before_writing(monkeypatch, tmp_path, capsys):
+    from vitreg.conversion import converter, write_random_checkpoint
+
+    source = write_random_checkpoint(tmp_path / "dinov2_vits14_reg4_pretrain.pth", hidden_size=64, num_hidden_layers=1)
+    monkeypatch.setattr(converter, "timm_available", lambda: False)
+    assert main(["convert", str(source), str(tmp_path / "out"), "--verify"]) == 1
+    assert "pip install 'vitreg[convert]'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert main(["convert", str(source), str(tmp_path / "out"), "--no-progress"]) == 0  # without --verify it converts
