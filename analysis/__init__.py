@@ -2,12 +2,14 @@
 
 from .artifacts import ImageAnalysis, ModelAnalysis, analyze, analyze_image
 from .loading import collect_images, load_model
-from .lost import corloc, lost, lost_image, read_voc
+from .lost import LostError, LostResult, corloc, lost, lost_image, read_voc
 from .report import model_record, run_analysis
 from .threshold import auto_threshold
 
 __all__ = [
     "ImageAnalysis",
+    "LostError",
+    "LostResult",
     "ModelAnalysis",
     "analyze",
     "analyze_image",

@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 from transformers import BaseImageProcessor, PreTrainedModel
-from vitreg.modeling_vitreg import split_tokens
 
 from vitreg.core.errors import UserError
+from vitreg.modeling_vitreg import split_tokens
 
 from .hooks import capture_last_qkv, cls_attention
 from .loading import check_image_size, named_images, preprocess, unnormalize

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from vitreg.core.errors import UserError
 
-from .lost import LOST_PATCHES
+from .lost import ALL_ANNOTATIONS, DEFAULT_SPLIT, FEATURES, LOST_PATCHES
 from .report import run_analysis
 
 
@@ -26,10 +26,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--lost",
         metavar="VOC_ROOT",
         type=Path,
-        help="LOST object discovery CorLoc over a VOC folder (whole images, short side --image-size or the crop size)",
+        help="LOST object discovery and its CorLoc over a VOC folder (e.g. VOCdevkit/VOC2007), as the official code: "
+        f"each image at its own resolution, zero-padded to whole patches, {FEATURES}; --image-size and --no-crop "
+        "do not apply to it",
     )
-    parser.add_argument("--lost-split", metavar="NAME", help="use ImageSets/Main/NAME.txt (default: all annotations)")
-    parser.add_argument("--lost-patches", type=int, default=LOST_PATCHES, help="LOST's k (default %(default)s)")
+    parser.add_argument(
+        "--split",
+        "--lost-split",
+        dest="split",
+        metavar="NAME",
+        default=DEFAULT_SPLIT,
+        help="the VOC images of ImageSets/Main/NAME.txt for --lost (default: %(default)s, the split the LOST and "
+        f"registers papers report for VOC07 and VOC12; {ALL_ANNOTATIONS!r}: every file in Annotations/)",
+    )
+    parser.add_argument(
+        "--lost-patches",
+        metavar="K",
+        type=int,
+        default=LOST_PATCHES,
+        help="LOST's k: the seed is expanded among the K lowest-degree patches (default %(default)s)",
+    )
     parser.add_argument("--device", help="torch device for the models, e.g. cuda (default: cpu)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
 
@@ -50,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         compare=args.compare,
         lost_root=args.lost,
-        lost_split=args.lost_split,
+        lost_split=args.split,
         lost_patches=args.lost_patches,
         crop=not args.no_crop,
         device=args.device,
@@ -64,6 +80,9 @@ def run(args: argparse.Namespace) -> int:
                 f"(threshold {s['threshold']:.4g}, {s['images_with_outliers']}/{s['num_images']} images)"
             )
     for run in report.get("lost", []):
-        print(f"{run['model']}: LOST CorLoc {run['corloc']:.4f} over {run['num_images']} images")
+        print(
+            f"{run['model']}: LOST CorLoc {run['corloc']:.4f} over {run['num_images']} images "
+            f"(split {run['split']}, {run['resolution']}, {run['features']}, k={run['k']})"
+        )
     print(f"report: {args.out / 'report.json'}  figures: {args.out / 'index.html'}")
     return 0

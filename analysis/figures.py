@@ -1,22 +1,22 @@
-"""PNG figures of an analysis (matplotlib, Agg): per-image maps, the norm histogram, per-layer curves, LOST boxes."""
+"""PNG figures of an analysis: per-image maps, the norm histogram, per-layer curves, LOST boxes.
+
+Drawn on `matplotlib.figure.Figure` objects, never through pyplot: saving a PNG renders with Agg for that file only,
+so importing or using the analysis leaves the importing program's matplotlib backend (and its windows) alone.
+"""
 
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.patches import Rectangle  # noqa: E402
-
-from .artifacts import ImageAnalysis, ModelAnalysis  # noqa: E402
-from .loading import open_image  # noqa: E402
+from .artifacts import ImageAnalysis, ModelAnalysis
+from .loading import open_image
 
 
-def _save(fig, folder: Path, name: str) -> str:
-    fig.savefig(folder / name, dpi=100)
-    plt.close(fig)
+def _save(fig: Figure, folder: Path, name: str) -> str:
+    fig.savefig(folder / name, dpi=100)  # a Figure without pyplot is freed with its last reference
     return name
 
 
@@ -26,7 +26,8 @@ def _label(analysis: ModelAnalysis) -> str:
 
 def image_figure(folder: Path, name: str, per_model: Sequence[ImageAnalysis], models: Sequence[ModelAnalysis]) -> str:
     """One row per model: the input photo, the output norm map (outliers circled), the mean CLS attention map."""
-    fig, axes = plt.subplots(len(per_model), 3, figsize=(13, 4 * len(per_model)), squeeze=False, layout="constrained")
+    fig = Figure(figsize=(13, 4 * len(per_model)), layout="constrained")
+    axes = fig.subplots(len(per_model), 3, squeeze=False)
     for row, (image, model) in zip(axes, zip(per_model, models)):
         row[0].imshow(image.photo)
         row[0].set_title(f"{_label(model)}\n{Path(image.image).name}", fontsize=9)
@@ -56,7 +57,8 @@ def image_figure(folder: Path, name: str, per_model: Sequence[ImageAnalysis], mo
 
 def histogram_figure(folder: Path, name: str, models: Sequence[ModelAnalysis]) -> str:
     """Histogram of output patch-token norms over all images (log scale), one panel per model, threshold marked."""
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False, layout="constrained")
+    fig = Figure(figsize=(6 * len(models), 4), layout="constrained")
+    axes = fig.subplots(1, len(models), squeeze=False)
     for ax, model in zip(axes[0], models):
         norms = np.concatenate([a.norms.ravel() for a in model.images])
         bins = np.geomspace(max(norms.min(), 1e-6), max(norms.max(), model.threshold) * 1.05, 60)
@@ -73,7 +75,8 @@ def histogram_figure(folder: Path, name: str, models: Sequence[ModelAnalysis]) -
 
 def layer_figure(folder: Path, name: str, models: Sequence[ModelAnalysis]) -> str:
     """Per layer: share of high-norm patch tokens and largest / median norm, one line per model."""
-    fig, (share, ratio) = plt.subplots(1, 2, figsize=(12, 4), layout="constrained")
+    fig = Figure(figsize=(12, 4), layout="constrained")
+    share, ratio = fig.subplots(1, 2)
     for model in models:
         layers = range(len(model.layer_thresholds))
         share.plot(layers, model.layer_outlier_fractions(), marker="o", label=_label(model))
@@ -88,15 +91,21 @@ def layer_figure(folder: Path, name: str, models: Sequence[ModelAnalysis]) -> st
 
 
 def lost_figure(folder: Path, name: str, runs: Sequence[dict], limit: int = 8) -> str:
-    """The first images of each LOST run with the found box (red) and the ground-truth boxes (green)."""
+    """The first images of each LOST run with the found box (red), its seed patch and the ground-truth boxes (green)."""
     count = min(limit, max(len(run["images"]) for run in runs))
-    fig, axes = plt.subplots(len(runs), count, figsize=(3 * count, 3 * len(runs)), squeeze=False, layout="constrained")
-    for row, run in zip(axes, runs):
-        for ax, entry in zip(row, run["images"][:count]):
+    fig = Figure(figsize=(3 * count, 3 * len(runs)), layout="constrained")
+    axes = fig.subplots(len(runs), count, squeeze=False)
+    for panels, run in zip(axes, runs):
+        patch = run["patch_size"]
+        for ax, entry in zip(panels, run["images"][:count]):
             ax.imshow(open_image(entry["image"]))
-            for box, colour in [(b, "lime") for b in entry["gt_boxes"]] + [(entry["box"], "red")]:
+            found = [] if entry["box"] is None else [(entry["box"], "red")]
+            for box, colour in [(b, "lime") for b in entry["gt_boxes"]] + found:
                 x0, y0, x1, y1 = box
                 ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=colour, linewidth=2))
+            if entry["seed"] is not None:
+                row, col = entry["seed"]
+                ax.add_patch(Rectangle((col * patch, row * patch), patch, patch, color="red", alpha=0.6))
             ax.set_title(f"{Path(run['model']).name}: IoU {entry['iou']:.2f}", fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])

@@ -4,10 +4,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
-import vitreg.modeling_vitreg  # noqa: F401  (registers ViTReg with the Auto classes)
 from PIL import Image, UnidentifiedImageError
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, BaseImageProcessor, PreTrainedModel
 
+import vitreg.modeling_vitreg  # noqa: F401  (registers ViTReg with the Auto classes)
 from vitreg.core.errors import UserError
 from vitreg.core.images import image_processor as default_image_processor
 

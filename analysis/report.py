@@ -15,7 +15,7 @@ from vitreg.core.folders import atomic_output_dir, check_output_dir
 from .artifacts import ImageAnalysis, ModelAnalysis, analyze
 from .figures import histogram_figure, image_figure, layer_figure, lost_figure
 from .loading import check_images, collect_images, load_model
-from .lost import LOST_PATCHES, corloc, read_voc
+from .lost import DEFAULT_SPLIT, LOST_PATCHES, corloc, read_voc
 
 # A folder or Hub id, or an already loaded (model, processor) or (model, processor, name).
 ModelSource = str | Path | tuple
@@ -170,11 +170,12 @@ def write_index(folder: Path, report: dict) -> None:
     )
     lost = ""
     if "lost" in report:
-        lost = "<h2>LOST object discovery</h2><table>" + "".join(
-            f"<tr><td>{html.escape(run['model'])}</td><td>CorLoc {run['corloc']:.4f}</td>"
-            f"<td>{run['num_images']} images</td></tr>"
-            for run in report["lost"]
-        )
+        columns = ("model", "CorLoc", "images", "split", "resolution", "features", "k")
+        lost = "<h2>LOST object discovery</h2><table><tr>" + "".join(f"<th>{c}</th>" for c in columns) + "</tr>"
+        for run in report["lost"]:
+            cells = [run["model"], f"CorLoc {run['corloc']:.4f}", f"{run['num_images']} images", run["split"]]
+            cells += [run["resolution"], run["features"], run["k"]]
+            lost += "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>"
         lost += "</table>"
     figures = "".join(f'<p><img src="{html.escape(path)}" alt="{html.escape(path)}"></p>' for path in report["figures"])
     rule = "a fixed" if report["summary"]["threshold_rule"] == "fixed" else "an automatic"
@@ -243,14 +244,18 @@ def run_analysis(
     threshold: float | None = None,
     compare: ModelSource | None = None,
     lost_root: str | Path | None = None,
-    lost_split: str | None = None,
+    lost_split: str = DEFAULT_SPLIT,
     lost_patches: int = LOST_PATCHES,
     crop: bool = True,
     device: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Analyse a model (and `compare`) on images (files, folders or PIL images), write `out/`; return report.json."""
+    """Analyse a model (and `compare`) on images (files, folders or PIL images), write `out/`; return report.json.
+
+    With `lost_root`, also LOST's CorLoc over that VOC folder's `lost_split` (ImageSets/Main/<split>.txt; "all":
+    every annotation), at each image's own resolution as LOST runs; `image_size` and `crop` do not apply to it.
+    """
     check_output_dir(Path(out), overwrite)  # before the work, not after it
     expanded = []
     for item in images:  # a folder expands, in place, into its sorted image files
@@ -267,7 +272,7 @@ def run_analysis(
         for m, processor, name in (loaded if expanded else [])
     ]
     lost_runs = [
-        {"model": name, **corloc(m, processor, lost_root, lost_split, image_size, lost_patches, progress)}
+        {"model": name, **corloc(m, processor, lost_root, lost_split, lost_patches, progress)}
         for m, processor, name in (loaded if lost_root is not None else [])
     ]
     with atomic_output_dir(Path(out), overwrite) as folder:

@@ -1,21 +1,25 @@
 """Artifact analysis on a model whose weights plant high-norm tokens at known patches: detection, report, CLI."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
 from PIL import Image
+
 from vitreg.analysis import analyze, load_model, run_analysis
 from vitreg.analysis.hooks import capture_last_qkv, cls_attention
-from vitreg.model_cards import save_model_folder
-from vitreg.modeling_vitreg import ViTRegModel
-
 from vitreg.cli import main
 from vitreg.core.errors import UserError
 from vitreg.core.images import image_processor
+from vitreg.core.provenance import Provenance
+from vitreg.model_cards import save_model_folder
+from vitreg.modeling_vitreg import ViTRegModel
 
 DETECT, ARTIFACT = 0, 1  # channels: "this patch is magenta", and the one the artifact is written into
 SIZE, PATCH = 518, 14  # the paper's 37x37 grid
@@ -77,8 +81,8 @@ def planted(photos):
 def folders(tmp_path_factory, planted):
     """Saved ViTReg folders: the planted model without registers, a clean one with 4, and two planted photos."""
     root = tmp_path_factory.mktemp("analysis")
-    save_model_folder(planted_model(0), root / "artifacts", {"kind": "random", "name": "planted artifacts"})
-    save_model_folder(planted_model(4, plant=False), root / "registers", {"kind": "random", "name": "clean"})
+    save_model_folder(planted_model(0), root / "artifacts", Provenance(kind="random", name="planted artifacts"))
+    save_model_folder(planted_model(4, plant=False), root / "registers", Provenance(kind="random", name="clean"))
     images = root / "images"
     images.mkdir()
     for index, image in enumerate(planted[0][:2]):
@@ -252,3 +256,33 @@ def test_bad_inputs_are_one_line_errors(folders, tmp_path, capsys):
         config_only.mkdir()
         (config_only / "config.json").write_text(json.dumps({"model_type": "bert"}))
         load_model(config_only)
+
+
+BACKEND_CHECK = """
+import sys
+from pathlib import Path
+
+import matplotlib
+
+before = matplotlib.get_backend()
+import vitreg.analysis
+from vitreg.analysis.figures import lost_figure
+from vitreg.core.images import sample_photos
+
+folder = Path(sys.argv[1])
+[photo] = sample_photos(folder, ("chelsea",))
+entry = {"image": str(photo), "gt_boxes": [[10, 10, 200, 150]], "box": [0, 0, 196, 154], "seed": [2, 3], "iou": 0.8}
+lost_figure(folder, "lost.png", [{"model": "m", "patch_size": 14, "images": [entry]}])
+assert (folder / "lost.png").read_bytes()[:4] == b"\\x89PNG"
+print(before, matplotlib.get_backend(), "matplotlib.pyplot" in sys.modules)
+"""
+
+
+def test_importing_and_drawing_leave_the_matplotlib_backend_alone(tmp_path):
+    """A library must not switch the importing program's backend (the old figures.py called matplotlib.use)."""
+    env = {**os.environ, "MPLBACKEND": "svg"}  # valid, and not what the figures are saved with (PNG, via Agg)
+    done = subprocess.run(
+        [sys.executable, "-c", BACKEND_CHECK, str(tmp_path)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["svg", "svg", "False"]  # backend kept, pyplot never imported

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from vitreg.analysis.threshold import auto_threshold
 
 
