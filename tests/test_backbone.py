@@ -2,8 +2,8 @@
 
 import pytest
 import torch
+from conftest import images, make_vitreg, max_diff, parity_config
 from huggingface_hub.errors import HFValidationError
-from test_modeling_parity import images, make_vitreg, max_diff, parity_config
 from transformers import AutoBackbone, UperNetConfig, UperNetForSemanticSegmentation
 
 from vitreg.modeling_vitreg import ViTRegBackbone

@@ -8,106 +8,22 @@ without registers (scale factor `(grid + 0.1) / old_grid`): it is compared to Vi
 interpolation is replaced by a hand-written bicubic resampler that follows the official formula.
 """
 
-import re
-from functools import partial
 
 import numpy as np
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
-from timm.layers import SwiGLUPacked
+from conftest import images, make_timm, make_vitreg, max_diff, parity_config
 from torch import nn
 from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
-from vitreg.modeling_vitreg import ViTRegConfig, ViTRegModel
+from vitreg.modeling_vitreg import ViTRegModel
 
 TOL = 1e-5
 # Image sizes for patch 4 on a 32 px (8x8) position grid: native, downscaled, the 224x308 shape of a 14 px
 # model (16x22 -> 8x11 here), a non-square image with exactly the native token count (must still interpolate),
 # and an upscaled non-square one.
 SIZES = [(32, 32), (16, 16), (32, 44), (16, 64), (48, 40)]
-
-
-def parity_config(**overrides) -> ViTRegConfig:
-    """A 3-block ViTReg with an 8x8 position grid, so that interpolation has room to matter."""
-    return tiny_config(**{"patch_size": 4, "image_size": 32, "num_hidden_layers": 3, **overrides})
-
-
-def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every parameter non-trivial values (tokens, norms and layer scales included)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            is_scale = name.endswith(("norm1.weight", "norm2.weight", "layernorm.weight", "lambda1"))
-            param.copy_(1.0 + 0.2 * noise if is_scale else 0.15 * noise)
-    return model.eval()
-
-
-def make_vitreg(config: ViTRegConfig, seed: int = 0) -> ViTRegModel:
-    """A ViTRegModel in eval mode with random, non-trivial weights."""
-    return randomize_(ViTRegModel(config), seed)
-
-
-def to_timm_state_dict(model: ViTRegModel) -> dict[str, torch.Tensor]:
-    """Map ViTReg weights onto timm's VisionTransformer(no_embed_class=True) names."""
-    config = model.config
-    state = model.state_dict()
-    pos = state.pop("embeddings.position_embeddings")
-    num_cls_positions = model.embeddings.num_cls_positions
-    out = {"pos_embed": pos[:, num_cls_positions:]}
-    if config.use_cls_token:
-        # timm folds the CLS position into the token itself.
-        out["cls_token"] = state.pop("embeddings.cls_token") + pos[:, :num_cls_positions].sum(1, keepdim=True)
-    if config.num_register_tokens:
-        out["reg_token"] = state.pop("embeddings.register_tokens")
-    state.pop("embeddings.mask_token", None)
-    renames = [
-        (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
-        (r"^encoder\.layer\.(\d+)\.attention\.qkv\.", r"blocks.\1.attn.qkv."),
-        (r"^encoder\.layer\.(\d+)\.attention\.proj\.", r"blocks.\1.attn.proj."),
-        (r"^encoder\.layer\.(\d+)\.layer_scale(\d)\.lambda1$", r"blocks.\1.ls\2.gamma"),
-        (r"^encoder\.layer\.(\d+)\.mlp\.(fc\d|weights_in|weights_out)\.", r"blocks.\1.mlp.\2."),
-        (r"^encoder\.layer\.(\d+)\.(norm\d)\.", r"blocks.\1.\2."),
-        (r"^layernorm\.", "fc_norm." if config.use_fc_norm else "norm."),
-    ]
-    for key, value in state.items():
-        for pattern, replacement in renames:
-            key = re.sub(pattern, replacement, key)
-        key = key.replace("mlp.weights_in.", "mlp.fc1.").replace("mlp.weights_out.", "mlp.fc2.")
-        out[key] = value
-    return out
-
-
-def make_timm(model: ViTRegModel) -> nn.Module:
-    """timm's VisionTransformer with the same architecture and weights as `model`."""
-    config = model.config
-    kwargs = {}
-    if config.use_swiglu_ffn:
-        # timm's packed SwiGLU takes the width of both halves together.
-        packed = 2 * config.mlp_hidden_size / config.hidden_size
-        kwargs = dict(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU, mlp_ratio=packed)
-    reference = timm.models.vision_transformer.VisionTransformer(
-        img_size=config.image_size,
-        patch_size=config.patch_size,
-        embed_dim=config.hidden_size,
-        depth=config.num_hidden_layers,
-        num_heads=config.num_attention_heads,
-        init_values=config.layerscale_value,
-        class_token=config.use_cls_token,
-        reg_tokens=config.num_register_tokens,
-        no_embed_class=True,
-        dynamic_img_size=True,
-        global_pool="avg" if config.pooling == "mean" else "token",
-        fc_norm=config.use_fc_norm,
-        num_classes=0,
-        norm_layer=partial(nn.LayerNorm, eps=config.layer_norm_eps),
-        **kwargs,
-    )
-    reference.load_state_dict(to_timm_state_dict(model), strict=True)
-    return reference.eval()
 
 
 def to_transformers_state_dict(model: ViTRegModel) -> dict[str, torch.Tensor]:
@@ -155,17 +71,6 @@ def make_transformers(model: ViTRegModel) -> nn.Module:
     reference.set_attn_implementation("eager")
     reference.load_state_dict(to_transformers_state_dict(model), strict=True)
     return reference.eval()
-
-
-def images(height: int, width: int, batch: int = 2, seed: int = 1) -> torch.Tensor:
-    """A reproducible batch of random `[B, 3, height, width]` images."""
-    return torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(seed))
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Largest absolute difference of two same-shaped tensors (0 for empty ones)."""
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a - b).abs().max().item() if a.numel() else 0.0
 
 
 TIMM_VARIANTS = {

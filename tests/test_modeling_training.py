@@ -5,8 +5,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from conftest import tiny_config
-from test_modeling_parity import images, make_vitreg, max_diff, parity_config, randomize_
+from conftest import images, make_vitreg, max_diff, parity_config, randomize_, tiny_config
 from transformers import AutoModel, PreTrainedModel, set_seed
 
 from vitreg.modeling_vitreg import ViTRegBackbone, ViTRegConfig, ViTRegForImageClassification, ViTRegModel

@@ -3,8 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
-from test_modeling_parity import images, make_timm, make_vitreg, max_diff, parity_config, randomize_
+from conftest import images, make_timm, make_vitreg, max_diff, parity_config, randomize_, tiny_config
 
 from vitreg.modeling_vitreg import ViTRegForImageClassification, ViTRegModel
 

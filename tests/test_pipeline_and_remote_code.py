@@ -10,8 +10,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import tiny_config
-from test_modeling_parity import max_diff, randomize_
+from conftest import max_diff, randomize_, tiny_config
 from transformers import AutoImageProcessor, pipeline
 
 from vitreg.core.provenance import Provenance
