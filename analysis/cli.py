@@ -1,4 +1,4 @@
-"""`vitreg analyze MODEL IMAGE_OR_FOLDER... --out DIR`: high-norm artifacts, CLS attention and LOST, as a report."""
+"""`vitreg analyze MODEL IMAGE_OR_FOLDER... --output-dir DIR`: artifact tokens, CLS attention and LOST, as a report."""
 
 import argparse
 from pathlib import Path
@@ -13,7 +13,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `vitreg analyze`."""
     parser.add_argument("model", metavar="MODEL", help="ViTReg folder or Hub id (with or without registers)")
     parser.add_argument("images", metavar="IMAGE_OR_FOLDER", nargs="*", help="images, or folders of images")
-    parser.add_argument("--out", required=True, type=Path, help="output folder: report.json, figures/, index.html")
+    parser.add_argument(
+        "--output-dir", "--out", required=True, type=Path, help="output folder: report.json, figures/, index.html"
+    )
     parser.add_argument(
         "--image-size", type=int, help="resize the short side to N and center-crop NxN (518: the paper's 37x37 grid)"
     )
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     report = run_analysis(
         args.model,
         args.images,
-        args.out,
+        args.output_dir,
         image_size=args.image_size,
         threshold=args.threshold,
         compare=args.compare,
@@ -84,5 +86,5 @@ def run(args: argparse.Namespace) -> int:
             f"{run['model']}: LOST CorLoc {run['corloc']:.4f} over {run['num_images']} images "
             f"(split {run['split']}, {run['resolution']}, {run['features']}, k={run['k']})"
         )
-    print(f"report: {args.out / 'report.json'}  figures: {args.out / 'index.html'}")
+    print(f"report: {args.output_dir / 'report.json'}  figures: {args.output_dir / 'index.html'}")
     return 0
