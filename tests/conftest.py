@@ -9,7 +9,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import re  # noqa: E402
 from functools import partial  # noqa: E402
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import timm  # noqa: E402
 import torch  # noqa: E402
@@ -18,6 +17,7 @@ from timm.layers import SwiGLUPacked  # noqa: E402
 from torch import nn  # noqa: E402
 
 import vitreg.modeling_vitreg  # noqa: E402,F401  (registers the Auto classes)
+from vitreg.core.images import sample_images  # noqa: E402
 from vitreg.modeling_vitreg import ViTRegConfig, ViTRegModel  # noqa: E402
 
 
@@ -44,9 +44,7 @@ def config() -> ViTRegConfig:
 @pytest.fixture(scope="session")
 def photos() -> list[Image.Image]:
     """Real photographs that scikit-image ships (no download)."""
-    from skimage import data
-
-    return [Image.fromarray(np.asarray(getattr(data, name)())) for name in ("astronaut", "chelsea", "coffee", "rocket")]
+    return sample_images(("astronaut", "chelsea", "coffee", "rocket"))
 
 
 @pytest.fixture(autouse=True)

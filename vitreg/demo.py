@@ -16,25 +16,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "cat", "immunohistochemistry")
+from vitreg.core.images import sample_photos
 
 
 def banner(text: str) -> None:
     """Print a section header."""
     print(f"\n=== {text} ===", flush=True)
-
-
-def write_photos(folder: Path) -> list[Path]:
-    """Save the real photographs scikit-image ships as JPEG files in `folder`."""
-    from skimage import data
-
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name in PHOTOS:
-        path = folder / f"{name}.jpg"
-        Image.fromarray(np.asarray(getattr(data, name)())).convert("RGB").save(path, quality=95)
-        paths.append(path)
-    return paths
 
 
 def feature_extraction(workdir: Path, photos: list[Path]) -> None:
@@ -128,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path("demo-output"))
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
-    photos = write_photos(args.workdir / "photos")
+    photos = sample_photos(args.workdir / "photos")
     print(f"{len(photos)} photos from scikit-image in {args.workdir / 'photos'}")
     feature_extraction(args.workdir, photos)
     conversion(args.workdir)

@@ -2,7 +2,7 @@
 
 from .errors import UserError
 from .folders import atomic_output_dir, atomic_output_file, check_output_dir
-from .images import IMAGENET_MEAN, IMAGENET_STD, image_processor, sample_photos
+from .images import IMAGENET_MEAN, IMAGENET_STD, image_processor, sample_images, sample_photos
 from .provenance import Provenance
 
 __all__ = [
@@ -14,5 +14,6 @@ __all__ = [
     "atomic_output_file",
     "check_output_dir",
     "image_processor",
+    "sample_images",
     "sample_photos",
 ]

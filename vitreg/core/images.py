@@ -1,8 +1,12 @@
 """DINOv2's preprocessing as a transformers image processor, and the real photos scikit-image ships."""
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from transformers import BitImageProcessor
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -27,17 +31,42 @@ def image_processor(crop_size: int = 224, resize_size: int | None = None) -> Bit
     )
 
 
-def sample_photos(folder: str | Path, names: tuple[str, ...] = SAMPLE_PHOTOS) -> list[Path]:
-    """Save real photographs shipped by scikit-image (no download) as JPEG files in `folder`; return their paths."""
+def sample_images(names: tuple[str, ...] = SAMPLE_PHOTOS, max_side: int | None = None) -> list["Image.Image"]:
+    """Real photographs shipped by scikit-image (no download) as RGB PIL images, optionally shrunk to `max_side`."""
     import numpy as np
     from PIL import Image
     from skimage import data
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
+    images = []
     for name in names:
-        path = folder / f"{name}.jpg"
-        Image.fromarray(np.asarray(getattr(data, name)())).convert("RGB").save(path, quality=95)
+        array = np.asarray(getattr(data, name)())
+        if array.dtype == bool:  # e.g. `horse` is a binary silhouette
+            array = array.astype(np.uint8) * 255
+        image = Image.fromarray(array).convert("RGB")
+        if max_side is not None:
+            image.thumbnail((max_side, max_side))
+        images.append(image)
+    return images
+
+
+def sample_photos(
+    folder: str | Path,
+    names: tuple[str, ...] = SAMPLE_PHOTOS,
+    *,
+    max_side: int | None = None,
+    by_colour: bool = False,
+) -> list[Path]:
+    """Write `sample_images` as JPEG files into `folder`; with `by_colour`, an imagefolder of two classes
+    (`color/`, `gray/`: whether scikit-image ships the photo in colour), as the supervised tests train on."""
+    import numpy as np
+
+    folder = Path(folder)
+    paths = []
+    for name, image in zip(names, sample_images(names, max_side)):
+        grey = bool(np.array_equal(*np.asarray(image).transpose(2, 0, 1)[:2]))  # R == G: a greyscale original
+        target = folder / ("gray" if grey else "color") if by_colour else folder
+        target.mkdir(parents=True, exist_ok=True)
+        path = target / f"{name}.jpg"
+        image.save(path, quality=95)
         paths.append(path)
     return paths
