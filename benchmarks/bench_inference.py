@@ -3,9 +3,11 @@
 Peers: transformers' `Dinov2WithRegistersModel` and timm's `vit_small_patch14_reg4_dinov2` (ViT-S/14, 4 registers),
 all holding the same weights (checked: every token agrees), fp32 on the CPU. A fused-qkv vs three-projection
 variant of ViTReg answers "one qkv matmul or three?" by measurement. Achieved GFLOP/s is set against a large
-matmul timed in the same run. Results are ratios: the machine's load cancels out of them.
+matmul timed in the same run. Results are ratios: each round times every model once (in a new random order), the
+per-round ratio peer / vitreg is taken, and the table gives its median and interquartile range over the rounds.
+A ratio whose IQR contains 1 is a tie, and is called one.
 
-    python benchmarks/bench_inference.py [--rounds 15] [--image-size 224] [--batch-sizes 1 8] [--json out.json]
+    python benchmarks/bench_inference.py [--rounds 12] [--workloads 8x224 1x518] [--json out.json]
 """
 
 import argparse
@@ -137,12 +139,46 @@ def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
     return 2 * size**3 / seconds / 1e9
 
 
+def workload(text: str) -> tuple[int, int]:
+    """`BATCHxSIZE` (e.g. `8x224`) -> (batch, image size)."""
+    batch, _, size = text.partition("x")
+    return int(batch), int(size)
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """(first quartile, median, third quartile)."""
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, median, q3
+
+
+def verdict(q1: float, q3: float) -> str:
+    """Who is faster, by the per-round ratio peer / vitreg: a tie when the IQR contains 1."""
+    if q1 > 1:
+        return "vitreg faster"
+    if q3 < 1:
+        return "peer faster"
+    return "tie"
+
+
+def check_same_function(peers: dict, outputs: dict, size: int) -> None:
+    """Refuse to time models that do not compute the same tokens."""
+    check = torch.randn(2, 3, size, size)
+    with torch.inference_mode():
+        reference = outputs["vitreg"](peers["vitreg"], check)
+        for name, model in peers.items():
+            diff = (outputs[name](model, check) - reference).abs().max().item()
+            print(f"{size}x{size}, same weights, every token: max |{name} - vitreg| = {diff:.2e}")
+            if diff > 1e-4:
+                raise SystemExit(f"{name} does not compute the same function (diff {diff:.2e}): benchmark invalid")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds per batch size")
+    parser.add_argument("--rounds", type=int, default=12, help="interleaved rounds per workload")
     parser.add_argument("--repeats", type=int, default=3, help="forward passes per timing")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument(
+        "--workloads", type=workload, nargs="+", default=[(8, 224), (1, 518)], help="BATCHxSIZE, e.g. 8x224 1x518"
+    )
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -161,18 +197,9 @@ def main() -> None:
         "transformers Dinov2WithRegisters": lambda m, x: m(pixel_values=x).last_hidden_state,
         "timm vit_small_patch14_reg4_dinov2": lambda m, x: m.forward_features(x),
     }
-    size = args.image_size
-    check = torch.randn(2, 3, size, size)
-    with torch.inference_mode():
-        reference = outputs["vitreg"](vitreg, check)
-        for name, model in peers.items():
-            diff = (outputs[name](model, check) - reference).abs().max().item()
-            print(f"same weights, every token: max |{name} - vitreg| = {diff:.2e}")
-            if diff > 1e-4:
-                raise SystemExit(f"{name} does not compute the same function (diff {diff:.2e}): benchmark invalid")
-
     results = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "runs": []}
-    for batch in args.batch_sizes:
+    for batch, size in args.workloads:
+        check_same_function(peers, outputs, size)
         x = torch.randn(batch, 3, size, size)
         times = {name: [] for name in peers}
         matmul = []
@@ -185,22 +212,25 @@ def main() -> None:
                 matmul.append(matmul_gflops())
         peak = statistics.median(matmul)
         flops = vit_forward_flops(vitreg.config, size) * batch
-        base = statistics.median(times["vitreg"])
         for name in peers:
             seconds = statistics.median(times[name])
+            q1, ratio, q3 = quartiles([t / base for t, base in zip(times[name], times["vitreg"])])
             results["runs"].append({
-                "batch": batch, "model": name, "ms": seconds * 1e3, "ratio_to_vitreg": seconds / base,
+                "batch": batch, "size": size, "model": name, "ms": seconds * 1e3, "ratio_to_vitreg": ratio,
+                "ratio_q1": q1, "ratio_q3": q3, "verdict": "-" if name == "vitreg" else verdict(q1, q3),
                 "images_per_s": batch / seconds, "gflops": flops / seconds / 1e9,
                 "fraction_of_matmul": flops / seconds / 1e9 / peak, "matmul_gflops": peak,
             })  # fmt: skip
 
-    print(f"\nViT-S/14 reg4, {size}x{size}, fp32, CPU ({results['threads']} threads), median of {args.rounds} "
-          "interleaved rounds\n")  # fmt: skip
-    print("| batch | model | ms / batch | time vs vitreg | images/s | GFLOP/s | of matmul peak |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\nViT-S/14 reg4, fp32, CPU ({results['threads']} threads), {args.rounds} interleaved rounds; ratio = "
+          "median per-round time / vitreg's [IQR]\n")  # fmt: skip
+    print("| batch x size | model | ms / batch (median) | time vs vitreg [IQR] | verdict | images/s | GFLOP/s "
+          "| of matmul peak |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for run in results["runs"]:
-        print(f"| {run['batch']} | {run['model']} | {run['ms']:.1f} | {run['ratio_to_vitreg']:.3f} | "
-              f"{run['images_per_s']:.1f} | {run['gflops']:.1f} | {run['fraction_of_matmul']:.0%} |")  # fmt: skip
+        print(f"| {run['batch']} x {run['size']} | {run['model']} | {run['ms']:.1f} | {run['ratio_to_vitreg']:.3f} "
+              f"[{run['ratio_q1']:.3f}, {run['ratio_q3']:.3f}] | {run['verdict']} | {run['images_per_s']:.2f} | "
+              f"{run['gflops']:.1f} | {run['fraction_of_matmul']:.0%} |")  # fmt: skip
     print(f"\nlarge fp32 matmul (2048^3) in the same run: {results['runs'][0]['matmul_gflops']:.1f} GFLOP/s")
     if args.json:
         with open(args.json, "w") as handle:
