@@ -11,7 +11,7 @@ DINOV2 := dinov2==0.0.1.dev2
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench check-install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_inference.py
+
+# The built wheel installs one import name and resolves with the newest torch on the registry (needs the network).
+check-install: $(STAMP)
+	PYTHON=$(PY) bash scripts/check_install.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo-output
