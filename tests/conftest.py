@@ -7,16 +7,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import re  # noqa: E402
-from functools import partial  # noqa: E402
 
 import pytest  # noqa: E402
-import timm  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from timm.layers import SwiGLUPacked  # noqa: E402
 from torch import nn  # noqa: E402
 
 import vitreg.modeling_vitreg  # noqa: E402,F401  (registers the Auto classes)
+from vitreg.conversion.reference import timm_model  # noqa: E402
 from vitreg.core.images import sample_images  # noqa: E402
 from vitreg.modeling_vitreg import ViTRegConfig, ViTRegModel  # noqa: E402
 
@@ -107,30 +105,8 @@ def to_timm_state_dict(model: ViTRegModel) -> dict[str, torch.Tensor]:
 
 
 def make_timm(model: ViTRegModel) -> nn.Module:
-    """timm's VisionTransformer with the same architecture and weights as `model`."""
-    config = model.config
-    kwargs = {}
-    if config.use_swiglu_ffn:
-        # timm's packed SwiGLU takes the width of both halves together.
-        packed = 2 * config.mlp_hidden_size / config.hidden_size
-        kwargs = dict(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU, mlp_ratio=packed)
-    reference = timm.models.vision_transformer.VisionTransformer(
-        img_size=config.image_size,
-        patch_size=config.patch_size,
-        embed_dim=config.hidden_size,
-        depth=config.num_hidden_layers,
-        num_heads=config.num_attention_heads,
-        init_values=config.layerscale_value,
-        class_token=config.use_cls_token,
-        reg_tokens=config.num_register_tokens,
-        no_embed_class=True,
-        dynamic_img_size=True,
-        global_pool="avg" if config.pooling == "mean" else "token",
-        fc_norm=config.use_fc_norm,
-        num_classes=0,
-        norm_layer=partial(nn.LayerNorm, eps=config.layer_norm_eps),
-        **kwargs,
-    )
+    """timm's VisionTransformer with the same architecture and weights as `model` (CLS position folded in)."""
+    reference = timm_model(model.config, no_embed_class=True)
     reference.load_state_dict(to_timm_state_dict(model), strict=True)
     return reference.eval()
 
