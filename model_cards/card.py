@@ -248,7 +248,10 @@ def _parity_line(parity: Parity | None) -> str:
 
 
 def _datasets_text(provenance: Provenance) -> str:
-    return ", ".join(f"`{name}`" for name in provenance.datasets) or "not recorded"
+    names = [f"`{name}`" for name in provenance.datasets]
+    if provenance.local_data:
+        names.append(f"the local folder `{provenance.local_data}`")
+    return ", ".join(names) or "not recorded"
 
 
 def results(provenance: Provenance) -> list[dict]:

@@ -34,7 +34,8 @@ class Provenance:
     description: str | None = None
     license: str = "apache-2.0"
     base_model: str | None = None
-    datasets: list[str] = field(default_factory=list)  # Hub dataset ids or local folder names
+    datasets: list[str] = field(default_factory=list)  # Hub dataset ids: the card's `datasets:` metadata
+    local_data: str | None = None  # a local folder trained on, by name (named in the card's text only)
     vitreg_version: str | None = None
     # kind == "converted"
     source_file: str | None = None
