@@ -1,10 +1,11 @@
-"""Training throughput (images/s) and the training loop's overhead over a bare forward/backward/step, interleaved.
+"""Training throughput (images/s) and the training loop's overhead over its bare step, interleaved.
 
 Each round runs (a) the real loop, `vitreg.training.pretrain.train`, for `--steps` steps on an image folder of photos
 and reads its steady-state step time from metrics.jsonl (the first logging window, with worker start-up, is
 dropped; checkpoint saves are not timed), then (b) bare steps of the same model config on one batch held in memory:
-the objective's forward (student, teacher, losses), backward and AdamW step. The loop adds data loading, schedules,
-the non-finite check, clipping, the EMA update and logging. Overhead = loop step / bare step - 1 (target <= 10%).
+the loop's own `training.step.train_step` (forward of student and teacher, losses, the non-finite check, backward,
+per-module clipping, AdamW, EMA update). The loop adds data loading, the batch copy, logging and the progress bar.
+Overhead = loop step / bare step - 1 (target <= 10%).
 
     python benchmarks/bench_training.py [--rounds 3] [--steps 15] [--objective dinov2|supervised] [--set KEY=YAML ...]
 """
@@ -16,12 +17,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
-from PIL import Image
+
+from vitreg.core.images import sample_photos
 from vitreg.training import data, pretrain, schedules
 from vitreg.training.config import load_config
+from vitreg.training.step import build_optimizer, train_step
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "horse", "moon")
 # A model big enough for compute to matter on a CPU, small enough for a few minutes on 2 cores.
@@ -35,21 +37,6 @@ BENCH = {
 }
 
 
-def write_photos(root: Path, size: int = 160) -> Path:
-    """An imagefolder of scikit-image photos in two classes."""
-    from skimage import data as skdata
-
-    for name in PHOTOS:
-        array = np.asarray(getattr(skdata, name)())
-        array = array.astype(np.uint8) * 255 if array.dtype == bool else array
-        image = Image.fromarray(array).convert("RGB")
-        image.thumbnail((size, size))
-        folder = root / ("gray" if array.ndim == 2 else "color")
-        folder.mkdir(parents=True, exist_ok=True)
-        image.save(folder / f"{name}.png")
-    return root
-
-
 def loop_step_seconds(config, output_dir: Path) -> float:
     """Mean steady-state step time of the real training loop."""
     from accelerate.state import AcceleratorState
@@ -60,35 +47,33 @@ def loop_step_seconds(config, output_dir: Path) -> float:
     return statistics.mean(w["step_time_s"] for w in windows)
 
 
-def bare_step_seconds(config, steps: int) -> tuple[float, float]:
-    """Median times of (forward + loss + backward + AdamW step) and of the same plus clipping and the EMA update,
-    alternating on one fixed batch."""
+def bare_step_seconds(config, steps: int) -> float:
+    """Median time of the loop's `train_step` on one fixed batch held in memory."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
     images = data.load_images(config)
-    student, objective, model_config, _ = pretrain.build_model(config, images)
-    optimizer = torch.optim.AdamW(schedules.param_groups(student, model_config.num_hidden_layers, config))
+    student, objective, model_config = pretrain.build_model(config, images)
+    optimizer = build_optimizer(student, model_config.num_hidden_layers, config)
     loader = pretrain.build_data(config, images, model_config.patch_size, 0, 1, 0)
     batch = next(iter(loader))
     del loader
+    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    student, optimizer = accelerator.prepare(student, optimizer)
+    objective.to(accelerator.device)
+    batch = {key: value.to(accelerator.device) for key, value in batch.items()}
     threads = torch.get_num_threads()
     torch.set_num_threads(config.num_threads or threads)  # as the loop does
     values = schedules.values_at(config.warmup_steps, config, config.peak_lr(1))
-    schedules.apply(optimizer, values)
     student.train()
-    times = {False: [], True: []}
-    for i in range(2 * steps + 2):
-        full = bool(i % 2)
+    times = []
+    for _ in range(steps + 1):
         start = time.perf_counter()
-        loss, _ = objective(student, batch, values)
-        loss.backward()
-        if full:
-            torch.nn.utils.clip_grad_norm_(student.parameters(), config.clip_grad)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if full:
-            objective.update_teacher(student, values.momentum)
-        times[full].append(time.perf_counter() - start)
+        train_step(accelerator, student, objective, optimizer, batch, values, config.clip_grad)
+        times.append(time.perf_counter() - start)
     torch.set_num_threads(threads)
-    return statistics.median(times[False][1:]), statistics.median(times[True][1:])
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return statistics.median(times[1:])
 
 
 def main() -> None:
@@ -101,22 +86,20 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        overrides = {**BENCH, "max_steps": args.steps, "data_dir": str(write_photos(Path(tmp) / "photos"))}
+        photos = Path(tmp) / "photos"
+        sample_photos(photos, PHOTOS, max_side=160, by_colour=True)  # an imagefolder of two classes
+        overrides = {**BENCH, "max_steps": args.steps, "data_dir": str(photos)}
         overrides.update({k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)})
         config = load_config(f"smoke-{args.objective}", overrides)
-        loop, bare, full = [], [], []
+        loop, bare = [], []
         for round_index in range(args.rounds):
             loop.append(loop_step_seconds(config, Path(tmp) / "run"))
-            plain, with_ema = bare_step_seconds(config, args.steps - config.logging_steps)
-            bare.append(plain)
-            full.append(with_ema)
-            print(
-                f"round {round_index}: loop {1000 * loop[-1]:.1f}, bare {1000 * plain:.1f}, "
-                f"bare + clip + EMA {1000 * with_ema:.1f} ms/step"
-            )
+            bare.append(bare_step_seconds(config, args.steps - config.logging_steps))
+            print(f"round {round_index}: loop {1000 * loop[-1]:.1f}, bare train_step {1000 * bare[-1]:.1f} ms/step")
 
-    # The least-disturbed round of each kind: on a shared machine, other work only ever adds time.
-    loop_s, bare_s, full_s = min(loop), min(bare), min(full)
+    # Per-round ratios: the two kinds of step share each round's load, so their ratio is what stays comparable.
+    q1, ratio, q3 = statistics.quantiles([a / b for a, b in zip(loop, bare)], n=4, method="inclusive")
+    loop_s, bare_s = statistics.median(loop), statistics.median(bare)
     batch = config.batch_size_per_device
     m = config.model
     crops = (
@@ -126,18 +109,17 @@ def main() -> None:
     )
     print(
         f"\n### Training loop overhead ({args.objective}, {config.num_threads or torch.get_num_threads()} intra-op "
-        f"thread(s), {config.num_workers} loader workers, best of {args.rounds} interleaved rounds)\n"
+        f"thread(s), {config.num_workers} loader workers, {args.rounds} interleaved rounds)\n"
     )
     print(
-        "| model | crops | batch | loop step (ms) | bare step (ms) | bare + clip + EMA (ms) | loop images/s "
-        "| bare images/s | loop overhead over bare | over bare + clip + EMA |"
+        "| model | crops | batch | loop step (ms, median) | bare step (ms, median) | loop images/s "
+        "| loop / bare, median per round [IQR] |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     print(
         f"| D={m['hidden_size']} L={m['num_hidden_layers']} p={m['patch_size']} R={m.get('num_register_tokens', 4)} "
-        f"| {crops} | {batch} | {1000 * loop_s:.1f} | {1000 * bare_s:.1f} | {1000 * full_s:.1f} | "
-        f"{batch / loop_s:.1f} | {batch / bare_s:.1f} | {100 * (loop_s / bare_s - 1):+.1f}% | "
-        f"{100 * (loop_s / full_s - 1):+.1f}% |"
+        f"| {crops} | {batch} | {1000 * loop_s:.1f} | {1000 * bare_s:.1f} | {batch / loop_s:.1f} | "
+        f"{ratio:.3f} [{q1:.3f}, {q3:.3f}] |"
     )
 
 

@@ -1,7 +1,8 @@
 """MFU of bf16 DINOv2 pretraining steps with registers (ViT-S/14 and ViT-L/14), for a session lent a GPU.
 
-One step is exactly the training loop's compute: student forward on 2 global + 8 local crops with iBOT masks,
-teacher forward, DINO + iBOT + KoLeo losses, backward, clipping, AdamW, EMA teacher update, under bf16 autocast.
+One step is the training loop's own `training.step.train_step`: student forward on 2 global + 8 local crops with iBOT
+masks, teacher forward, DINO + iBOT + KoLeo losses under bf16 autocast, the non-finite check, backward, per-module
+clipping, AdamW, EMA teacher update.
 Batches are synthetic tensors already on the device (data loading is measured by bench_training.py). FLOPs per
 step are analytic (training/flops.py, matmuls only), MFU = FLOPs / step time / peak, as nanoGPT reports it.
 
@@ -18,10 +19,14 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+
 from vitreg.training import pretrain, schedules
 from vitreg.training.config import load_config
 from vitreg.training.flops import train_step_flops
 from vitreg.training.masking import sample_masks
+from vitreg.training.step import build_optimizer, train_step
 
 MODELS = {  # name -> (recipe, per-device batch)
     "ViT-S/14 reg4": ("vits14-reg4-dinov2-imagenet", 64),
@@ -61,40 +66,27 @@ def synthetic_batch(config, patch_size: int, device: torch.device) -> dict[str, 
 def measure(recipe: str, batch: int, steps: int, warmup: int, device: torch.device, dtype, overrides: dict) -> dict:
     """Median seconds per training step and the step's FLOPs."""
     config = load_config(recipe, {"batch_size_per_device": batch, **overrides})
-    student, objective, model_config, _ = pretrain.build_model(config, images=None)
-    student.to(device).train()
+    student, objective, model_config = pretrain.build_model(config, images=None)
+    optimizer = build_optimizer(student, model_config.num_hidden_layers, config)
+    precision = {torch.float32: "no", torch.bfloat16: "bf16"}[dtype]
+    accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
+    student, optimizer = accelerator.prepare(student, optimizer)
+    student.train()
     objective.to(device).train()
-    optimizer = torch.optim.AdamW(
-        schedules.param_groups(student, model_config.num_hidden_layers, config),
-        betas=(config.adam_beta1, config.adam_beta2),
-        fused=device.type == "cuda",
-    )
     values = schedules.values_at(config.warmup_steps, config, config.peak_lr(1))
-    schedules.apply(optimizer, values)
     batch_tensors = synthetic_batch(config, model_config.patch_size, device)
-
-    def step() -> float:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss, _ = objective(student, batch_tensors, values)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), config.clip_grad)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        objective.update_teacher(student, values.momentum)
-        return loss
 
     times = []
     for i in range(warmup + steps):
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        loss = step()
+        train_step(accelerator, student, objective, optimizer, batch_tensors, values, config.clip_grad)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    if not torch.isfinite(loss):
-        raise RuntimeError(f"{recipe}: the loss is not finite")
+    AcceleratorState._reset_state(reset_partial_state=True)  # the next model may ask for another precision
     memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     return {
         "seconds": statistics.median(times),

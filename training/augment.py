@@ -27,7 +27,7 @@ def color_distortion() -> T.Compose:
 
 
 class PILGaussianBlur(T.Transform):
-    """DINOv2's blur: PIL's Gaussian blur with a radius uniform in [0.1, 2] (far cheaper than a conv on PIL input)."""
+    """DeiT III's blur (3-Augment): PIL's Gaussian blur with a radius uniform in [0.1, 2]."""
 
     def __init__(self, radius: tuple[float, float] = (0.1, 2.0)):
         super().__init__()
@@ -38,9 +38,14 @@ class PILGaussianBlur(T.Transform):
         return image.filter(ImageFilter.GaussianBlur(radius=radius))
 
 
+# Blur probabilities of (global crop 1, global crop 2, local crops). DINOv2's `GaussianBlur(p)` hands torchvision's
+# RandomApply `1 - p`, so its code (and the released checkpoints) blur with 0 / 0.9 / 0.5; its paper says 1 / 0.1 / 0.5.
+BLUR_PROBABILITIES = {"official_code": (0.0, 0.9, 0.5), "paper": (1.0, 0.1, 0.5)}
+
+
 def gaussian_blur(p: float) -> T.RandomApply:
-    """DINOv2's Gaussian blur applied with probability `p`."""
-    return T.RandomApply([PILGaussianBlur()], p=p)
+    """DINOv2's Gaussian blur (torchvision's, 9 px kernel, sigma uniform in [0.1, 2]) applied with probability `p`."""
+    return T.RandomApply([T.GaussianBlur(kernel_size=9, sigma=(0.1, 2.0))], p=p)
 
 
 class MultiCrop:
@@ -53,16 +58,18 @@ class MultiCrop:
         local_number: int,
         local_size: int,
         local_scale: tuple[float, float],
+        blur_convention: str = "official_code",
     ):
         self.local_number = local_number
+        blur_1, blur_2, blur_local = BLUR_PROBABILITIES[blur_convention]
         global_crop = T.RandomResizedCrop(global_size, scale=global_scale, interpolation=BICUBIC, antialias=True)
         local_crop = T.RandomResizedCrop(local_size, scale=local_scale, interpolation=BICUBIC, antialias=True)
         normalize = to_normalized_tensor()
-        self.global_1 = T.Compose([global_crop, color_distortion(), gaussian_blur(1.0), normalize])
+        self.global_1 = T.Compose([global_crop, color_distortion(), gaussian_blur(blur_1), normalize])
         self.global_2 = T.Compose(
-            [global_crop, color_distortion(), gaussian_blur(0.1), T.RandomSolarize(128, p=0.2), normalize]
+            [global_crop, color_distortion(), gaussian_blur(blur_2), T.RandomSolarize(128, p=0.2), normalize]
         )
-        self.local = T.Compose([local_crop, color_distortion(), gaussian_blur(0.5), normalize])
+        self.local = T.Compose([local_crop, color_distortion(), gaussian_blur(blur_local), normalize])
 
     def __call__(self, image: Image.Image) -> dict[str, torch.Tensor]:
         global_crops = torch.stack([self.global_1(image), self.global_2(image)])  # [2, 3, G, G]

@@ -1,18 +1,25 @@
 """DINOv2's projection head: MLP -> L2-normalised bottleneck -> weight-normalised prototypes (no bias)."""
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
 class WeightNormLinear(nn.Module):
-    """`x @ (g * v / |v|).T` without bias: the prototype layer, whose rows are normalised directions."""
+    """`x @ (g * v / |v|).T` without bias: the prototype layer, whose rows are normalised directions.
+
+    Initialised as DINOv2's `weight_norm(nn.Linear(..., bias=False))` with `weight_g` filled with 1: `weight_v`
+    keeps nn.Linear's default init (Kaiming-uniform, a = sqrt(5)), whose scale sets how fast the directions move.
+    The parameter names match the official head's, so its state dict loads as it is.
+    """
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
         self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
         self.weight_g = nn.Parameter(torch.ones(out_features, 1))
-        nn.init.trunc_normal_(self.weight_v, std=0.02)
+        nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight_g * F.normalize(self.weight_v, dim=1))

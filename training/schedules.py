@@ -1,4 +1,8 @@
-"""Schedules as pure functions of the step (nothing to checkpoint) and the optimizer's parameter groups."""
+"""Schedules as pure functions of the step (nothing to checkpoint) and the optimizer's parameter groups.
+
+Every schedule takes at each step the value of DINOv2's `CosineScheduler` (dinov2/utils/utils.py, built in
+dinov2/train/train.py); tests/test_official_dinov2.py checks them against it step by step.
+"""
 
 import math
 import re
@@ -9,19 +13,18 @@ from torch import nn
 from .config import TrainConfig
 
 
-def cosine(step: int, start: float, end: float, total: int, warmup: int = 0, warmup_start: float = 0.0) -> float:
-    """Linear warmup from `warmup_start` to `start` over `warmup` steps, then cosine to `end` at step `total`."""
+def cosine(step: int, base: float, final: float, total: int, warmup: int = 0, warmup_start: float = 0.0) -> float:
+    """DINOv2's CosineScheduler: `warmup` steps evenly spaced from `warmup_start` to `base` (both included, so `base`
+    is reached at step `warmup - 1`), then a cosine from `base` towards `final` over the other `total - warmup`
+    steps; `final` from step `total` on."""
+    if step >= total:
+        return final
     if step < warmup:
-        return warmup_start + (start - warmup_start) * step / warmup
-    if total <= warmup:
-        return end
-    progress = min(1.0, (step - warmup) / (total - warmup))
-    return end + 0.5 * (start - end) * (1 + math.cos(math.pi * progress))
-
-
-def linear_warmup(step: int, start: float, end: float, warmup: int) -> float:
-    """Linear from `start` to `end` over `warmup` steps, then constant (DINOv2's teacher temperature)."""
-    return end if step >= warmup else start + (end - start) * step / warmup
+        if warmup == 1:
+            return warmup_start  # np.linspace(start, base, 1) == [start]
+        return warmup_start + (base - warmup_start) * step / (warmup - 1)
+    progress = (step - warmup) / (total - warmup)  # < 1: the cosine never quite reaches `final` before `total`
+    return final + 0.5 * (base - final) * (1 + math.cos(math.pi * progress))
 
 
 @dataclass
@@ -29,26 +32,31 @@ class StepValues:
     """Every scheduled value at one step."""
 
     lr: float
+    last_layer_lr: float  # the lr of the prototypes: 0 while they are frozen, `lr` afterwards
     weight_decay: float
     momentum: float
     teacher_temp: float
-    freeze_last_layer: bool
 
 
 def values_at(step: int, config: TrainConfig, peak_lr: float) -> StepValues:
     """The scheduled values of `step` (lr already scaled to the global batch)."""
     c = config
+    lr = cosine(step, peak_lr, c.min_lr, c.max_steps, c.warmup_steps)
+    # the teacher temperature: a linear warmup, then constant (DINOv2: base = final, total = warmup)
+    warmup = c.warmup_teacher_temp_steps
     return StepValues(
-        lr=cosine(step, peak_lr, c.min_lr, c.max_steps, c.warmup_steps),
+        lr=lr,
+        last_layer_lr=0.0 if step < c.freeze_last_layer_steps else lr,
         weight_decay=cosine(step, c.weight_decay, c.weight_decay_end, c.max_steps),
         momentum=cosine(step, c.momentum_teacher, c.final_momentum_teacher, c.max_steps),
-        teacher_temp=linear_warmup(step, c.warmup_teacher_temp, c.teacher_temp, c.warmup_teacher_temp_steps),
-        freeze_last_layer=step < c.freeze_last_layer_steps,
+        teacher_temp=cosine(step, c.teacher_temp, c.teacher_temp, warmup, warmup, c.warmup_teacher_temp),
     )
 
 
 def layer_id(name: str, num_layers: int) -> int:
-    """0 for the embeddings (tokens, positions, patch projection), i + 1 for block i, num_layers + 1 after."""
+    """0 for the embeddings (tokens, registers, positions, patch projection), i + 1 for block i, num_layers + 1
+    after (final norm, heads); registers sit at 0 as in DINOv2's current code (its April-2023 release had them at
+    num_layers + 1, undecayed)."""
     block = re.search(r"encoder\.layer\.(\d+)\.", name)
     if block:
         return int(block.group(1)) + 1
@@ -56,8 +64,9 @@ def layer_id(name: str, num_layers: int) -> int:
 
 
 def param_groups(model: nn.Module, num_layers: int, config: TrainConfig) -> list[dict]:
-    """AdamW groups with `lr_mult` (layer-wise decay, patch-embed multiplier) and `wd_mult` (0 for norms, biases,
-    LayerScale), as DINOv2 builds them; groups share parameters with equal multipliers."""
+    """AdamW groups with `lr_mult` (layer-wise decay, patch-embed multiplier), `wd_mult` (0 for norms, biases,
+    LayerScale) and `last_layer` (the prototypes, whose lr follows `last_layer_lr`), as DINOv2 builds them; groups
+    share parameters with equal multipliers."""
     groups: dict[tuple, dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -77,7 +86,11 @@ def param_groups(model: nn.Module, num_layers: int, config: TrainConfig) -> list
 
 
 def apply(optimizer, values: StepValues) -> None:
-    """Set every group's lr and weight decay for this step."""
+    """Set every group's lr and weight decay for this step.
+
+    A frozen last layer gets lr 0, as in DINOv2: its gradient still counts in the clipping norm and in Adam's
+    moments, and AdamW's decoupled weight decay (lr * wd) vanishes with it."""
     for group in optimizer.param_groups:
-        group["lr"] = values.lr * group["lr_mult"]
+        lr = values.last_layer_lr if group["last_layer"] else values.lr
+        group["lr"] = lr * group["lr_mult"]
         group["weight_decay"] = values.weight_decay * group["wd_mult"]
