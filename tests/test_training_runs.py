@@ -12,11 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
+from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
-from vitreg.training import pretrain
 
 from vitreg import cli
+from vitreg.core.images import sample_photos
+from vitreg.model_cards import save_model_folder
+from vitreg.modeling_vitreg import ViTRegModel
+from vitreg.training import pretrain
+from vitreg.training.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "horse", "moon")
@@ -24,33 +30,20 @@ PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "horse"
 
 @pytest.fixture(scope="module")
 def photo_dir(tmp_path_factory) -> Path:
-    """An imagefolder of 8 scikit-image photos (about 80 px), in two class subfolders."""
-    from skimage import data
-
+    """An imagefolder of 8 scikit-image photos (about 80 px), in two class subfolders (colour, grey)."""
     root = tmp_path_factory.mktemp("photos")
-    for name in PHOTOS:
-        array = np.asarray(getattr(data, name)())
-        if array.dtype == bool:
-            array = array.astype(np.uint8) * 255
-        image = Image.fromarray(array).convert("RGB")
-        image.thumbnail((80, 80))
-        folder = root / ("gray" if array.ndim == 2 else "color")
-        folder.mkdir(exist_ok=True)
-        image.save(folder / f"{name}.png")
+    sample_photos(root, PHOTOS, max_side=80, by_colour=True)
     return root
 
 
 @pytest.fixture(autouse=True)
-def _fresh_accelerate_state_one_thread():
+def _one_thread():
     """Each in-process run builds its own Accelerator; one intra-op thread, as tiny ops on a shared machine run
     many times faster without OpenMP threads competing for the cores."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
-    torch.set_num_threads(threads)
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
+    torch.set_num_threads(threads)  # accelerate's state is reset after every test (conftest.py)
 
 
 def metrics(output_dir: Path) -> list[dict]:
@@ -89,10 +82,21 @@ def test_dinov2_smoke_run_learns_and_exports_the_teacher(photo_dir, tmp_path):
     model = AutoModel.from_pretrained(out / "model")
     assert model.config.num_register_tokens == 4
     extractor = pipeline("image-feature-extraction", model=str(out / "model"))
-    features = np.asarray(extractor(Image.open(next(photo_dir.rglob("*.png")))))
+    features = np.asarray(extractor(Image.open(next(photo_dir.rglob("*.jpg")))))
     assert features.shape == (1, 1 + 4 + 16, 64)  # CLS, 4 registers, 4x4 patches of the 32 px crop
-    card = (out / "model" / "README.md").read_text()
-    assert "trained" in card and "dinov2" in card
+    card = ModelCard.load(out / "model" / "README.md")
+    assert "trained" in card.text and "dinov2" in card.data.tags
+    # A local image folder is named in the text; the `datasets:` metadata holds Hub dataset ids only.
+    assert f"the local folder `{photo_dir.name}`" in card.text and card.data.datasets is None
+
+
+def test_a_run_on_a_hub_dataset_records_it_in_the_card_metadata(tmp_path):
+    config = load_config("smoke-dinov2", {"dataset": "ILSVRC/imagenet-1k"})
+    provenance = pretrain.run_provenance(config, "smoke-dinov2.yaml", 6.5, 2)
+    assert provenance.datasets == ["ILSVRC/imagenet-1k"] and provenance.local_data is None
+    save_model_folder(ViTRegModel(tiny_config()), tmp_path / "model", provenance)
+    card = ModelCard.load(tmp_path / "model" / "README.md")
+    assert card.data.datasets == ["ILSVRC/imagenet-1k"] and "`ILSVRC/imagenet-1k`" in card.text
 
 
 def test_supervised_smoke_run_learns_the_classes(photo_dir, tmp_path):
@@ -118,7 +122,7 @@ def test_supervised_smoke_run_learns_the_classes(photo_dir, tmp_path):
     from transformers import pipeline
 
     classifier = pipeline("image-classification", model=str(out / "model"))
-    labels = {result["label"] for result in classifier(Image.open(next(photo_dir.rglob("*.png"))))}
+    labels = {result["label"] for result in classifier(Image.open(next(photo_dir.rglob("*.jpg"))))}
     assert labels == {"color", "gray"}
     assert json.loads((out / "model" / "config.json").read_text())["num_register_tokens"] == 0
 
@@ -174,6 +178,32 @@ def test_hub_dataset_offline_is_one_clear_line(tmp_path, capsys):
     assert err.count("\n") == 0 and "offline" in err and "--data_dir" in err
 
 
+def test_a_stream_from_a_local_folder_resumes_from_its_saved_position(photo_dir, tmp_path):
+    """--dataset with a local imagefolder streams offline; a run resumed from a checkpoint restores each worker's
+    stream position from the checkpoint (data_state_0.pt) and ends on the weights of the uninterrupted run."""
+    flags = ["--max_steps", "4", "--checkpointing_steps", "2", "--logging_steps", "1", "--batch_size_per_device", "4"]
+    flags += ["--num_workers", "2", "--shuffle_buffer_size", "0"]  # 2 readers of 4 photos: a new epoch every step
+
+    def stream_command(output_dir: Path, *extra: str) -> list[str]:
+        argv = ["--config", "smoke-dinov2", "--dataset", str(photo_dir), "--output_dir", str(output_dir)]
+        return argv + flags + list(extra)
+
+    whole = tmp_path / "whole"
+    assert pretrain.main(stream_command(whole)) == 0
+    middle = whole / "checkpoints" / "step_00000002"
+    assert (middle / "data_state_0.pt").is_file()
+
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    resumed = tmp_path / "resumed"
+    assert pretrain.main(stream_command(resumed, "--resume_from_checkpoint", str(middle))) == 0
+    name = "checkpoints/step_00000004/model.safetensors"
+    expected, actual = load_file(whole / name), load_file(resumed / name)
+    assert max((expected[k] - actual[k]).abs().max().item() for k in expected) <= 1e-6
+    assert [r["loss"] for r in metrics(resumed)] == pytest.approx([r["loss"] for r in metrics(whole)][2:], abs=1e-6)
+
+
 def subprocess_env() -> dict:
     return {
         **os.environ,
@@ -184,24 +214,27 @@ def subprocess_env() -> dict:
     }
 
 
+TWO_PROCESSES = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+    "-m",
+    "vitreg.training.pretrain",
+]
+
+
 def test_two_processes_train_together(photo_dir, tmp_path):
     out = tmp_path / "run"
-    launch = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "training.pretrain",
-    ]
+    launch = TWO_PROCESSES
     flags = ["--max_steps", "6", "--batch_size_per_device", "4", "--num_workers", "1", "--logging_steps", "3"]
     done = subprocess.run(
         launch + command(photo_dir, out, "smoke-dinov2", *flags),
@@ -223,9 +256,34 @@ def test_two_processes_train_together(photo_dir, tmp_path):
     assert (out / "model" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
+def test_two_processes_stream_their_own_examples_and_resume_from_their_positions(photo_dir, tmp_path):
+    """Two gloo processes stream one local folder; each saves its stream position, and a resumed run (which loads
+    the objective state on `cpu:0` devices) ends on the weights of the uninterrupted one."""
+    flags = ["--max-steps", "4", "--checkpointing-steps", "2", "--logging-steps", "2", "--batch-size-per-device", "2"]
+    flags += ["--num-workers", "1", "--shuffle-buffer-size", "0"]
+    kwargs = dict(cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+
+    def stream_command(output_dir: Path, *extra: str) -> list[str]:
+        argv = ["--config", "smoke-dinov2", "--dataset", str(photo_dir), "--output-dir", str(output_dir)]
+        return TWO_PROCESSES + argv + flags + list(extra)
+
+    whole = tmp_path / "whole"
+    done = subprocess.run(stream_command(whole), **kwargs)
+    assert done.returncode == 0, done.stderr[-3000:]
+    middle = whole / "checkpoints" / "step_00000002"
+    assert (middle / "data_state_0.pt").is_file() and (middle / "data_state_1.pt").is_file()
+    resumed = tmp_path / "resumed"
+    done = subprocess.run(stream_command(resumed, "--resume-from-checkpoint", str(middle)), **kwargs)
+    assert done.returncode == 0, done.stderr[-3000:]
+    name = "checkpoints/step_00000004/model.safetensors"
+    expected, actual = load_file(whole / name), load_file(resumed / name)
+    assert max((expected[k] - actual[k]).abs().max().item() for k in expected) <= 1e-6
+
+
 def test_sigkill_and_resume_ends_on_the_same_weights(photo_dir, tmp_path):
     flags = ["--max_steps", "8", "--checkpointing_steps", "3", "--logging_steps", "2", "--num_workers", "2"]
-    train = [sys.executable, "-m", "training.pretrain"]
+    train = [sys.executable, "-m", "vitreg.training.pretrain"]
     kwargs = dict(cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=240)
 
     whole = tmp_path / "whole"

@@ -1,8 +1,10 @@
 """Checkpoints under `OUTPUT_DIR/checkpoints/step_XXXXXXXX`: accelerate's `save_state` (student, optimizer, RNG of
-every process) plus the objective's state (EMA teacher, loss centers) in safetensors and the step (data position).
+every process) plus the objective's state (EMA teacher, loss centers) in safetensors, the step (which is the data
+position of an image folder) and, for a streamed dataset, each process's stream position (`data_state_R.pt`).
 
 A checkpoint is written to a hidden temporary folder and renamed when complete, so a run killed while saving
-leaves the previous checkpoints intact and `latest` never points at half a checkpoint.
+leaves the previous checkpoints intact and `latest` never points at half a checkpoint: every process finishes
+writing its files (FSDP shards, RNG states, stream position) before rank 0 renames the folder.
 """
 
 import json
@@ -10,6 +12,7 @@ import re
 import shutil
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -19,6 +22,11 @@ from vitreg.core.errors import UserError
 PATTERN = re.compile(r"^step_(\d{8})$")
 OBJECTIVE_FILE = "objective.safetensors"
 STATE_FILE = "trainer_state.json"
+
+
+def data_state_file(rank: int) -> str:
+    """The file of one process's data-loader state."""
+    return f"data_state_{rank}.pt"
 
 
 def checkpoints_dir(output_dir: Path) -> Path:
@@ -46,8 +54,11 @@ def find_checkpoint(output_dir: Path, resume: str) -> Path | None:
     return path
 
 
-def save_checkpoint(accelerator: Accelerator, objective: nn.Module, output_dir: Path, step: int, keep: int) -> Path:
-    """Save the full training state after `step` optimizer steps, keeping the newest `keep` checkpoints."""
+def save_checkpoint(
+    accelerator: Accelerator, objective: nn.Module, output_dir: Path, step: int, keep: int, loader=None
+) -> Path:
+    """Save the full training state after `step` optimizer steps, keeping the newest `keep` checkpoints; a
+    `loader` with a `state_dict` (a streamed dataset) saves its position too."""
     folder = checkpoints_dir(output_dir)
     final, staging = folder / f"step_{step:08d}", folder / f".tmp-step_{step:08d}"
     if accelerator.is_main_process:
@@ -55,6 +66,9 @@ def save_checkpoint(accelerator: Accelerator, objective: nn.Module, output_dir: 
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging))
+    if hasattr(loader, "state_dict"):
+        torch.save(loader.state_dict(), staging / data_state_file(accelerator.process_index))
+    accelerator.wait_for_everyone()  # every process's files are in staging before rank 0 renames it
     if accelerator.is_main_process:
         state = {name: tensor.detach().cpu().contiguous() for name, tensor in objective.state_dict().items()}
         if state:
@@ -72,6 +86,21 @@ def load_checkpoint(accelerator: Accelerator, objective: nn.Module, path: Path) 
     """Restore the training state saved in `path`; returns the number of steps already done."""
     accelerator.load_state(str(path))
     if (path / OBJECTIVE_FILE).is_file():
-        state = load_file(path / OBJECTIVE_FILE, device=str(accelerator.device))
-        objective.load_state_dict(state)
+        # read on CPU: safetensors refuses device names such as "cpu:0" (multi-process CPU runs); load_state_dict
+        # copies each tensor onto the device of the objective's own
+        objective.load_state_dict(load_file(path / OBJECTIVE_FILE, device="cpu"))
     return int(json.loads((path / STATE_FILE).read_text())["step"])
+
+
+def load_data_state(loader, path: Path, rank: int) -> None:
+    """Put a streamed dataset's `loader` back where checkpoint `path` left this process (no-op for a loader
+    without state: the image-folder sampler resumes from the step)."""
+    if not hasattr(loader, "load_state_dict"):
+        return
+    file = Path(path) / data_state_file(rank)
+    if not file.is_file():
+        raise UserError(
+            f"checkpoint {path} has no stream position for process {rank} ({file.name}): resume a streamed run "
+            "with the number of processes that saved it"
+        )
+    loader.load_state_dict(torch.load(file, weights_only=True))

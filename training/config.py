@@ -1,115 +1,149 @@
-"""The training configuration: one flat dataclass, read from YAML, overridable by flags, validated up front."""
+"""The training configuration: one flat dataclass, read from YAML, overridable by flags, validated up front.
+
+Each field's type is the contract: `Literal[...]` lists the accepted words, the validation reads the choices from
+it, and each field's `help` metadata is what `vitreg pretrain --help` shows next to the field's default.
+"""
 
 import dataclasses
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
 from vitreg.core.errors import UserError
 
-OBJECTIVES = ("dinov2", "supervised")
-CENTERINGS = ("centering", "sinkhorn_knopp")
-LR_SCALINGS = ("sqrt_wrt_1024", "linear_wrt_256", "none")
-SUPERVISED_LOSSES = ("bce", "ce")
-BLUR_CONVENTIONS = ("official_code", "paper")
 CONFIG_DIR = Path(__file__).parent / "configs"
 POSITIVE_KEYS = (
     "batch_size_per_device max_steps logging_steps checkpointing_steps checkpoints_total_limit global_crop_size "
-    "local_crop_size head_n_prototypes head_hidden_dim head_bottleneck_dim head_n_layers sinkhorn_iterations"
+    "local_crop_size head_n_prototypes head_hidden_dim head_bottleneck_dim head_n_layers sinkhorn_iterations "
+    "repeated_augmentations"
 ).split()
 NON_NEGATIVE_KEYS = (
     "num_workers warmup_steps warmup_teacher_temp_steps freeze_last_layer_steps local_crops_number mask_min_patches "
     "min_lr weight_decay weight_decay_end clip_grad label_smoothing mixup_alpha cutmix_alpha color_jitter "
-    "dino_loss_weight ibot_loss_weight koleo_loss_weight"
+    "dino_loss_weight ibot_loss_weight koleo_loss_weight shuffle_buffer_size"
 ).split()
+
+
+def option(default, help: str):
+    """A config field: its default and the help text `--help` shows."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class TrainConfig:
     """Every hyper-parameter of a run. Lengths are in optimizer steps; batch sizes are per device."""
 
-    objective: str = "dinov2"
-    # ViTRegConfig fields of the student; image_size defaults to global_crop_size.
-    model: dict = field(default_factory=dict)
+    objective: Literal["dinov2", "supervised"] = option(
+        "dinov2", "DINOv2 self-supervised (EMA teacher, DINO + iBOT + KoLeo) or DeiT III supervised classification"
+    )
+    model: dict = option({}, "ViTRegConfig fields of the student; image_size defaults to global_crop_size")
+    upstream: str | None = option(
+        None, "the upstream recipe this config follows (documentation; tests/test_recipes_upstream.py checks it)"
+    )
 
     # data
-    data_dir: str | None = None
-    dataset: str | None = None
-    dataset_split: str = "train"
-    image_column: str = "image"
-    label_column: str = "label"
-    num_workers: int = 4
-    batch_size_per_device: int = 64
-    seed: int = 0
+    data_dir: str | None = option(None, "image folder read as a datasets imagefolder (class subfolders = labels)")
+    dataset: str | None = option(
+        None, "streamed dataset: a local folder (imagefolder or parquet files) or a Hub dataset name (needs network)"
+    )
+    dataset_split: str = option("train", "split of data_dir / dataset to train on")
+    image_column: str = option("image", "column holding the images")
+    label_column: str = option("label", "column holding the class labels (supervised)")
+    num_workers: int = option(4, "DataLoader worker processes per device (augmentation runs there)")
+    shuffle_buffer_size: int = option(
+        10_000, "examples in the shuffle buffer of a streamed dataset; 0: shard order only (exact resume)"
+    )
+    repeated_augmentations: int = option(
+        1, "DeiT's repeated augmentation: each image n times per epoch, copies on different processes"
+    )
+    batch_size_per_device: int = option(64, "images per device per optimizer step")
+    seed: int = option(0, "seed of initialisation, data order and every augmentation")
 
     # length, logging, checkpoints
-    max_steps: int = 125_000
-    logging_steps: int = 10
-    checkpointing_steps: int = 1250
-    checkpoints_total_limit: int = 3
-    report_to: str | None = None  # "tensorboard", or any tracker accelerate knows
-    mixed_precision: str | None = None  # None: what `accelerate launch` / `accelerate config` chose
-    gradient_checkpointing: bool = False
-    num_threads: int | None = None  # intra-op CPU threads per process (None: torch's default); 1 suits tiny models
-    peak_tflops: float | None = None  # accelerator peak (e.g. 989 for H100/H200 bf16): enables the MFU column
+    max_steps: int = option(125_000, "optimizer steps of the run (DINOv2: epochs x 1250)")
+    logging_steps: int = option(10, "steps between metrics.jsonl lines")
+    checkpointing_steps: int = option(1250, "steps between checkpoints")
+    checkpoints_total_limit: int = option(3, "newest checkpoints kept")
+    report_to: str | None = option(None, "tracker for accelerate.log: tensorboard, wandb, ... (null: none)")
+    mixed_precision: Literal["no", "fp16", "bf16", "fp8"] | None = option(
+        None, "autocast precision (null: what `accelerate launch` / `accelerate config` chose)"
+    )
+    gradient_checkpointing: bool = option(False, "recompute block activations in backward to save memory")
+    num_threads: int | None = option(
+        None, "intra-op CPU threads per process (null: torch's default); 1 suits tiny models"
+    )
+    peak_tflops: float | None = option(
+        None, "accelerator peak TFLOP/s (e.g. 989 for H100/H200 bf16): adds the MFU column"
+    )
 
     # optimisation (AdamW)
-    base_lr: float = 0.004
-    lr_scaling: str = "sqrt_wrt_1024"
-    min_lr: float = 1e-6
-    warmup_steps: int = 12_500
-    weight_decay: float = 0.04
-    weight_decay_end: float = 0.4
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    clip_grad: float = 3.0
-    layerwise_decay: float = 0.9
-    patch_embed_lr_mult: float = 0.2
+    base_lr: float = option(0.004, "peak learning rate before lr_scaling")
+    lr_scaling: Literal["sqrt_wrt_1024", "linear_wrt_256", "none"] = option(
+        "sqrt_wrt_1024", "peak lr = base_lr x sqrt(batch / 1024) (DINOv2), x batch / 256, or base_lr as is"
+    )
+    min_lr: float = option(1e-6, "learning rate at the end of the cosine")
+    warmup_steps: int = option(12_500, "linear lr warmup steps")
+    weight_decay: float = option(0.04, "weight decay at the start (cosine schedule)")
+    weight_decay_end: float = option(0.4, "weight decay at the end")
+    adam_beta1: float = option(0.9, "AdamW beta1")
+    adam_beta2: float = option(0.999, "AdamW beta2")
+    clip_grad: float = option(3.0, "gradient norm clipping (0: none)")
+    layerwise_decay: float = option(0.9, "layer-wise lr decay per block (1: none)")
+    patch_embed_lr_mult: float = option(0.2, "lr multiplier of the patch embedding")
 
     # crops (supervised uses the global crop only)
-    global_crop_size: int = 224
-    global_crops_scale: tuple[float, float] = (0.32, 1.0)
-    local_crops_number: int = 8
-    local_crop_size: int = 96
-    local_crops_scale: tuple[float, float] = (0.05, 0.32)
+    global_crop_size: int = option(224, "side of the global crops (the supervised crop)")
+    global_crops_scale: tuple[float, float] = option((0.32, 1.0), "area range of the global RandomResizedCrop")
+    local_crops_number: int = option(8, "local crops per image (DINOv2)")
+    local_crop_size: int = option(96, "side of the local crops (DINOv2)")
+    local_crops_scale: tuple[float, float] = option((0.05, 0.32), "area range of the local RandomResizedCrop")
     # DINOv2's GaussianBlur(p) hands torchvision's RandomApply 1 - p, so the released checkpoints were trained with
     # blur probabilities 0 / 0.9 / 0.5 (global crop 1 / global crop 2 / local crops); the paper states 1.0 / 0.1 / 0.5.
-    blur_convention: str = "official_code"  # "official_code" (the released checkpoints' behaviour) or "paper"
+    blur_convention: Literal["official_code", "paper"] = option(
+        "official_code", "blur probabilities of DINOv2's code (0 / 0.9 / 0.5, it passes 1 - p) or its paper's"
+    )
 
     # DINOv2: DINO head and loss
-    dino_loss_weight: float = 1.0
-    head_n_prototypes: int = 65536
-    head_hidden_dim: int = 2048
-    head_bottleneck_dim: int = 256
-    head_n_layers: int = 3
-    centering: str = "centering"
-    center_momentum: float = 0.9
-    sinkhorn_iterations: int = 3
-    student_temp: float = 0.1
-    teacher_temp: float = 0.07
-    warmup_teacher_temp: float = 0.04
-    warmup_teacher_temp_steps: int = 37_500
-    momentum_teacher: float = 0.992
-    final_momentum_teacher: float = 1.0
-    freeze_last_layer_steps: int = 1250
-    koleo_loss_weight: float = 0.1
+    dino_loss_weight: float = option(1.0, "weight of the DINO (CLS) loss")
+    head_n_prototypes: int = option(65536, "prototypes K of the DINO / iBOT heads")
+    head_hidden_dim: int = option(2048, "hidden width of the heads' MLP")
+    head_bottleneck_dim: int = option(256, "bottleneck width before the prototypes")
+    head_n_layers: int = option(3, "linear layers of the heads' MLP")
+    centering: Literal["centering", "sinkhorn_knopp"] = option(
+        "centering", "teacher targets: EMA centering or Sinkhorn-Knopp (DINOv2 L/g)"
+    )
+    center_momentum: float = option(0.9, "EMA momentum of the teacher centers")
+    sinkhorn_iterations: int = option(3, "Sinkhorn-Knopp iterations")
+    student_temp: float = option(0.1, "student softmax temperature")
+    teacher_temp: float = option(0.07, "teacher temperature after its warmup")
+    warmup_teacher_temp: float = option(0.04, "teacher temperature at step 0")
+    warmup_teacher_temp_steps: int = option(37_500, "steps of the teacher temperature warmup")
+    momentum_teacher: float = option(0.992, "EMA momentum of the teacher at the start (cosine to the final value)")
+    final_momentum_teacher: float = option(1.0, "EMA momentum of the teacher at the end")
+    freeze_last_layer_steps: int = option(1250, "steps during which the prototypes do not learn")
+    koleo_loss_weight: float = option(0.1, "weight of the KoLeo regulariser")
     # DINOv2: iBOT
-    ibot_loss_weight: float = 1.0
-    ibot_separate_head: bool = False
-    mask_sample_probability: float = 0.5
-    mask_ratio_min_max: tuple[float, float] = (0.1, 0.5)
-    mask_min_patches: int = 4
+    ibot_loss_weight: float = option(1.0, "weight of the iBOT masked-patch loss (0: no masking)")
+    ibot_separate_head: bool = option(False, "a separate iBOT head (DINOv2 L/g) instead of sharing the DINO head")
+    mask_sample_probability: float = option(0.5, "share of global crops that get an iBOT mask")
+    mask_ratio_min_max: tuple[float, float] = option((0.1, 0.5), "range of the masked patch ratio")
+    mask_min_patches: int = option(4, "smallest masked block, in patches")
 
     # supervised (DeiT III)
-    supervised_loss: str = "bce"
-    label_smoothing: float = 0.0
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    three_augment: bool = True
-    color_jitter: float = 0.3
-    mixup_alpha: float = 0.8
-    cutmix_alpha: float = 1.0
+    supervised_loss: Literal["bce", "ce"] = option("bce", "binary cross-entropy (DeiT III) or cross-entropy")
+    label_smoothing: float = option(0.0, "label smoothing of the targets")
+    crop_scale: tuple[float, float] = option((0.08, 1.0), "area range of the supervised RandomResizedCrop")
+    three_augment: bool = option(True, "DeiT III's 3-Augment: one of grayscale / solarize / blur per image")
+    color_jitter: float = option(0.3, "colour jitter strength (0: none)")
+    mixup_alpha: float = option(0.8, "MixUp alpha (0: off)")
+    cutmix_alpha: float = option(1.0, "CutMix alpha (0: off)")
 
     def global_batch_size(self, num_processes: int) -> int:
         """Images per optimizer step over all processes."""
@@ -130,6 +164,34 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+TYPES = typing.get_type_hints(TrainConfig)
+
+
+def field_default(name: str):
+    """The default value of a config key."""
+    spec = FIELDS[name]
+    return spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
+
+
+def base_type(name: str):
+    """The field's type without `| None`."""
+    hint = TYPES[name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    return hint
+
+
+def nullable(name: str) -> bool:
+    """Whether the key accepts null."""
+    hint = TYPES[name]
+    union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    return union and type(None) in typing.get_args(hint)
+
+
+def choices(name: str) -> tuple[str, ...] | None:
+    """The accepted words of a `Literal` key, None for other keys."""
+    hint = base_type(name)
+    return typing.get_args(hint) if typing.get_origin(hint) is Literal else None
 
 
 def resolve_config_path(path: str) -> Path:
@@ -166,32 +228,42 @@ def load_config(path: str | None, overrides: dict | None = None) -> TrainConfig:
     return config
 
 
+def type_name(name: str) -> str:
+    """The field's type as a user reads it: `int`, `float or null`, `one of 'a', 'b'`, ..."""
+    hint, allowed = base_type(name), choices(name)
+    if allowed:
+        text = "one of " + ", ".join(repr(word) for word in allowed)
+    elif typing.get_origin(hint) is tuple:
+        text = "a pair of numbers"
+    else:
+        text = hint.__name__ if isinstance(hint, type) else str(hint)
+    return f"{text} or null" if nullable(name) else text
+
+
 def coerce(key: str, value):
     """Check a value against the field's type; ints pass as floats, lists become tuples."""
-    spec = FIELDS[key]
-    default = spec.default_factory() if spec.default is dataclasses.MISSING else spec.default
-    annotation = str(spec.type)
+    hint = base_type(key)
     if value is None:
-        if default is None:
+        if nullable(key):
             return None
         raise UserError(f"config {key} must not be null")
-    if isinstance(default, tuple):
+    if typing.get_origin(hint) is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(is_number(v) for v in value):
             raise UserError(f"config {key} must be a pair of numbers, got {value!r}")
         return tuple(float(v) for v in value)
-    if isinstance(default, bool):
+    if hint is bool:
         ok = isinstance(value, bool)
-    elif isinstance(default, int) or annotation.startswith("int"):
+    elif hint is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(default, float) or "float" in annotation:
+    elif hint is float:
         ok = is_number(value)
         value = float(value) if ok else value
-    elif isinstance(default, dict):
+    elif hint is dict:
         ok = isinstance(value, dict)
-    else:
+    else:  # str and Literal words (the word itself is checked by `validate`)
         ok = isinstance(value, str)
     if not ok:
-        raise UserError(f"config {key} has the wrong type: {value!r} ({annotation})")
+        raise UserError(f"config {key} has the wrong type: {value!r} (expected {type_name(key)})")
     return value
 
 
@@ -207,11 +279,11 @@ def validate(c: TrainConfig) -> None:
         if not ok:
             raise UserError(f"config: {message}")
 
-    need(c.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, got {c.objective!r}")
-    need(c.centering in CENTERINGS, f"centering must be one of {CENTERINGS}, got {c.centering!r}")
-    need(c.lr_scaling in LR_SCALINGS, f"lr_scaling must be one of {LR_SCALINGS}, got {c.lr_scaling!r}")
-    need(c.supervised_loss in SUPERVISED_LOSSES, f"supervised_loss must be one of {SUPERVISED_LOSSES}")
-    need(c.blur_convention in BLUR_CONVENTIONS, f"blur_convention must be one of {BLUR_CONVENTIONS}")
+    for key in FIELDS:
+        allowed = choices(key)
+        value = getattr(c, key)
+        if allowed and not (value is None and nullable(key)):
+            need(value in allowed, f"{key} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
     for key in POSITIVE_KEYS:
         need(getattr(c, key) > 0, f"{key} must be positive, got {getattr(c, key)}")
     for key in NON_NEGATIVE_KEYS:
@@ -247,7 +319,16 @@ def validate(c: TrainConfig) -> None:
         c.global_crop_size <= image_size * 4,
         f"global_crop_size ({c.global_crop_size}) is far bigger than model.image_size ({image_size})",
     )
+    need(
+        c.objective != "supervised" or c.supervised_loss != "bce" or not c.label_smoothing,
+        "label_smoothing must be 0 with supervised_loss 'bce': DeiT III's BCE binarises the mixed targets, so "
+        "smoothing would make every class a positive (use supervised_loss 'ce' for label smoothing)",
+    )
     need(c.data_dir is None or c.dataset is None, "give data_dir or dataset, not both")
+    need(
+        c.repeated_augmentations == 1 or c.dataset is None,
+        "repeated_augmentations needs data_dir: the sampler repeats dataset indices, and a stream has none",
+    )
 
 
 def model_config_kwargs(c: TrainConfig) -> dict:

@@ -1,12 +1,15 @@
-"""Data: Hugging Face `datasets` (a local imagefolder or a streamed Hub dataset), a sharded endless sampler that
-resumes at any step, augmentation in DataLoader workers seeded per sample, and the collate functions."""
+"""Data: Hugging Face `datasets` (an imagefolder read whole, or a streamed local folder or Hub dataset), a sharded
+endless sampler that resumes at any step (with DeiT's repeated augmentation), a stream that resumes from its
+`state_dict`, augmentation in DataLoader workers seeded per sample, and the collate functions."""
 
 import random
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 from torchvision.transforms import v2 as T
 
 from vitreg.core.errors import UserError
@@ -20,12 +23,18 @@ def sample_seed(seed: int, position: int) -> int:
     return (seed * 1_000_003 + position) % (2**63)
 
 
+def stream_sample_seed(seed: int, reader: int, epoch: int, count: int) -> int:
+    """The augmentation seed of the `count`-th example that stream reader `reader` yields in its `epoch`."""
+    return int(np.random.SeedSequence([seed, reader, epoch, count]).generate_state(1, np.uint64)[0]) % (2**63)
+
+
 def load_images(config: TrainConfig):
-    """The training split: `datasets.Dataset` for `data_dir`, a streaming `IterableDataset` for a Hub `dataset`."""
+    """The training split: `datasets.Dataset` for `data_dir`; a streaming `IterableDataset` for `dataset`, a local
+    folder (imagefolder or parquet files, read offline) or a Hub dataset name."""
     import datasets
 
     if config.data_dir is None and config.dataset is None:
-        raise UserError("no data: pass --data_dir DIR (an image folder) or --dataset NAME (a Hub dataset)")
+        raise UserError("no data: pass --data_dir DIR (an image folder) or --dataset FOLDER|NAME (streamed)")
     if config.data_dir is not None:
         if not Path(config.data_dir).is_dir():
             raise UserError(f"--data_dir {config.data_dir} is not a folder")
@@ -34,14 +43,15 @@ def load_images(config: TrainConfig):
         except Exception as error:  # datasets raises many types for empty or unreadable folders
             raise UserError(f"cannot read images from {config.data_dir}: {str(error).splitlines()[0]}") from None
     else:
-        if datasets.config.HF_HUB_OFFLINE:
+        local = Path(config.dataset).is_dir()
+        if not local and datasets.config.HF_HUB_OFFLINE:
             raise UserError(
-                f"--dataset {config.dataset} streams from the Hugging Face Hub, which is offline "
-                "(HF_HUB_OFFLINE=1); use --data_dir with a local image folder"
+                f"--dataset {config.dataset} is no local folder, and the Hugging Face Hub is offline "
+                "(HF_HUB_OFFLINE=1); pass a local folder (imagefolder or parquet files) or --data_dir"
             )
-        try:
+        try:  # a local folder: datasets picks imagefolder or parquet from the files
             images = datasets.load_dataset(config.dataset, split=config.dataset_split, streaming=True)
-        except Exception as error:  # network and Hub errors come in many types
+        except Exception as error:  # file, network and Hub errors come in many types
             raise UserError(f"cannot stream --dataset {config.dataset}: {str(error).splitlines()[0]}") from None
     columns = images.column_names or []
     if columns and config.image_column not in columns:
@@ -56,37 +66,56 @@ def load_images(config: TrainConfig):
 
 def class_names(images, label_column: str) -> list[str]:
     """The class names of a labelled dataset (ClassLabel names, else the sorted distinct labels)."""
-    feature = images.features[label_column]
+    feature = (images.features or {}).get(label_column)
     if hasattr(feature, "names"):
         return list(feature.names)
+    if not isinstance(images, Dataset):
+        raise UserError(f"a streamed dataset needs a ClassLabel column {label_column!r} to name its classes")
     return [str(label) for label in sorted(set(images[label_column]))]
 
 
 class ShardedEndlessBatches(Sampler):
     """This process's batches of `(index, seed)`: an endless stream of epoch-seeded permutations cut into global
-    batches, each split by rank, starting at `start_step` (so resuming needs only the step)."""
+    batches, starting at `start_step` (so resuming needs only the step).
 
-    def __init__(self, num_samples: int, batch_size: int, rank: int, world_size: int, seed: int, start_step: int = 0):
+    Global stream position `q` of step `s` goes to rank `q % world_size`, slot `(q - s * global_batch) //
+    world_size`, as torch's DistributedSampler deals indices. With `repeats` n > 1 (DeiT's RASampler) each
+    permuted index takes n consecutive positions, so its copies land on n different ranks (when n <= world_size),
+    each with its own augmentation seed. Like DeiT, one process ignores `repeats`: its copies would only share
+    batches. Unlike RASampler, which ends each epoch after len(dataset) samples and so uses only the first 1/n of
+    every permutation, the stream runs through the whole repeated permutation: every image is seen exactly n times
+    per n x len(dataset) samples. An "epoch" of the recipes stays len(dataset) samples, as in DeiT."""
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        start_step: int = 0,
+        repeats: int = 1,
+    ):
         self.num_samples, self.batch_size, self.rank, self.world_size = num_samples, batch_size, rank, world_size
         self.seed, self.start_step = seed, start_step
+        self.repeats = repeats if world_size > 1 else 1
         self._epoch, self._order = -1, None
 
     def position_index(self, position: int) -> int:
         """Dataset index at a global stream position."""
-        epoch, offset = divmod(position, self.num_samples)
+        epoch, offset = divmod(position, self.num_samples * self.repeats)
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(self.seed * 10_007 + epoch)
             self._epoch, self._order = epoch, torch.randperm(self.num_samples, generator=generator)
-        return int(self._order[offset])
+        return int(self._order[offset // self.repeats])
 
     def __iter__(self):
         global_batch = self.batch_size * self.world_size
-        position = self.start_step * global_batch + self.rank * self.batch_size
+        step = self.start_step
         while True:
-            yield [
-                (self.position_index(p), sample_seed(self.seed, p)) for p in range(position, position + self.batch_size)
-            ]
-            position += global_batch
+            positions = range(step * global_batch + self.rank, (step + 1) * global_batch, self.world_size)
+            yield [(self.position_index(p), sample_seed(self.seed, p)) for p in positions]
+            step += 1
 
 
 class AugmentedImages(Dataset):
@@ -117,24 +146,81 @@ def augment(transform, image, seed: int) -> dict:
     return sample
 
 
-def streamed_images(images, config: TrainConfig, transform, rank: int, world_size: int, start_step: int):
-    """A Hub stream split by rank, shuffled, advanced to `start_step`, augmented per sample."""
-    from datasets.distributed import split_dataset_by_node
+class StreamedImages(IterableDataset):
+    """An endless, augmented stream of a `datasets.IterableDataset`, split between every (process, worker) reader.
 
-    stream = split_dataset_by_node(images, rank=rank, world_size=world_size).shuffle(
-        seed=config.seed, buffer_size=10_000
-    )
-    skipped = start_step * config.batch_size_per_device
-    stream = stream.skip(skipped)
-    label = config.label_column if config.objective == "supervised" else None
+    Reader `rank * num_workers + worker` of `world_size * num_workers` reads its own shards (files) when there are
+    at least as many shards as readers, else every n-th example (datasets' `split_dataset_by_node`). Each epoch
+    reshuffles the shard order and a `shuffle_buffer_size` buffer (seed + epoch). An example's augmentation seed
+    comes from (seed, reader, epoch, count), so no two readers share one. `state_dict` is the reader's position:
+    torchdata's StatefulDataLoader gathers it from every worker for the checkpoint and hands it back on resume,
+    where datasets restarts the stream there (the examples in the shuffle buffer at save time are dropped)."""
 
-    def apply(row: dict, index: int) -> dict:
-        sample = augment(transform, row[config.image_column], sample_seed(config.seed + rank, skipped + index))
-        if label is not None:
-            sample["label"] = int(row[label])
-        return sample
+    def __init__(self, images, transform, config: TrainConfig, rank: int, world_size: int):
+        self.images, self.transform, self.rank, self.world_size = images, transform, rank, world_size
+        self.seed, self.buffer_size = config.seed, config.shuffle_buffer_size
+        self.image_column = config.image_column
+        self.label_column = config.label_column if config.objective == "supervised" else None
+        self.epoch, self.count, self.stream, self.resume = 0, 0, None, None
 
-    return stream.map(apply, with_indices=True, remove_columns=stream.column_names)
+    def reader_stream(self):
+        """(this reader's stream, its index): its part of the dataset, shuffled with the run's seed."""
+        from datasets.distributed import split_dataset_by_node
+
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        reader, readers = self.rank * workers + worker, self.world_size * workers
+        if self.images.num_shards >= readers:
+            stream = self.images.shard(num_shards=readers, index=reader, contiguous=False)
+        else:
+            stream = split_dataset_by_node(self.images, rank=reader, world_size=readers)
+        if self.buffer_size:  # the same seed on every reader: split_dataset_by_node needs one shuffled order
+            stream = stream.shuffle(seed=self.seed, buffer_size=self.buffer_size)
+        return stream, reader
+
+    def __iter__(self):
+        stream, reader = self.reader_stream()
+        if self.resume is not None:
+            self.epoch, self.count = self.resume["epoch"], self.resume["count"]
+            stream.set_epoch(self.epoch)
+            stream.load_state_dict(self.resume["stream"])
+            self.resume = None
+        else:
+            self.epoch, self.count = 0, 0
+        self.stream = stream
+        while True:
+            stream.set_epoch(self.epoch)
+            # `.iter` rather than `iter(stream)`: in a DataLoader worker datasets would split the shards again.
+            for batch in stream.iter(batch_size=1):
+                row = {key: values[0] for key, values in batch.items()}
+                sample = augment(
+                    self.transform,
+                    row[self.image_column],
+                    stream_sample_seed(self.seed, reader, self.epoch, self.count),
+                )
+                if self.label_column is not None:
+                    sample["label"] = int(row[self.label_column])
+                self.count += 1
+                yield sample
+            if self.count == 0:  # (a resumed epoch counts the examples yielded before the checkpoint)
+                raise UserError(f"stream reader {reader} of the dataset got no example: use fewer num_workers")
+            self.epoch, self.count = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        """The reader's position: epoch, examples yielded in it, and the datasets stream state."""
+        if self.stream is None:
+            return self.resume or {"epoch": 0, "count": 0, "stream": None}
+        return {"epoch": self.epoch, "count": self.count, "stream": self.stream.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state` at the next `iter`."""
+        self.resume = state if state.get("stream") is not None else None
+
+
+def streamed_images(images, config: TrainConfig, transform, rank: int, world_size: int, start_step: int = 0):
+    """This process's endless augmented stream; a resumed run restores its position with the loader's
+    `load_state_dict` (see checkpoint.py), not by skipping `start_step` batches."""
+    return StreamedImages(images, transform, config, rank, world_size)
 
 
 class DINOv2Collate:
@@ -182,7 +268,10 @@ class SupervisedCollate:
 
 
 def make_loader(dataset, collate, config: TrainConfig, rank: int, world_size: int, start_step: int) -> DataLoader:
-    """The DataLoader of one process; augmentation and collation run in `num_workers` worker processes."""
+    """The DataLoader of one process; augmentation and collation run in `num_workers` worker processes.
+
+    A streamed dataset gets torchdata's StatefulDataLoader, whose `state_dict` holds every worker's stream
+    position; the map-style path needs none (the sampler resumes from the step)."""
     common = dict(
         collate_fn=collate,
         num_workers=config.num_workers,
@@ -191,9 +280,23 @@ def make_loader(dataset, collate, config: TrainConfig, rank: int, world_size: in
         # A private generator: creating the loader must not consume the global RNG that a checkpoint restores.
         generator=torch.Generator().manual_seed(config.seed),
     )
-    if isinstance(dataset, torch.utils.data.IterableDataset):
-        return DataLoader(dataset, batch_size=config.batch_size_per_device, drop_last=True, **common)
+    if isinstance(dataset, IterableDataset):
+        try:
+            from torchdata.stateful_dataloader import StatefulDataLoader
+        except ModuleNotFoundError:
+            raise UserError(
+                "--dataset streams through torchdata's StatefulDataLoader: pip install 'vitreg[train]' (torchdata)"
+            ) from None
+        with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, which torch now deprecates
+            warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+            return StatefulDataLoader(dataset, batch_size=config.batch_size_per_device, drop_last=True, **common)
     sampler = ShardedEndlessBatches(
-        len(dataset), config.batch_size_per_device, rank, world_size, config.seed, start_step
+        len(dataset),
+        config.batch_size_per_device,
+        rank,
+        world_size,
+        config.seed,
+        start_step,
+        config.repeated_augmentations,
     )
     return DataLoader(dataset, batch_sampler=sampler, **common)

@@ -21,29 +21,78 @@ import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from vitreg.modeling_vitreg import ViTRegConfig, ViTRegForImageClassification, ViTRegModel
+from transformers.utils import logging
 
+import vitreg
 from vitreg.core.errors import UserError
+from vitreg.core.flags import spellings
+from vitreg.core.logs import show_library_logs
+from vitreg.core.provenance import Provenance
+from vitreg.modeling_vitreg import ViTRegConfig
 
 from . import checkpoint, data, schedules
-from .augment import MultiCrop, ThreeAugment
-from .config import FIELDS, TrainConfig, load_config, model_config_kwargs
+from .config import FIELDS, TrainConfig, base_type, choices, field_default, load_config, model_config_kwargs
 from .flops import mfu, train_step_flops
-from .objectives import DINOv2Objective, DINOv2Student, SupervisedObjective
+from .objectives import OBJECTIVES
+from .step import NonFiniteLoss, build_optimizer, train_step
 
 COMMAND_FLAGS = ("config", "output_dir", "resume_from_checkpoint", "overwrite")
+logger = logging.get_logger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The command's flags: the run's own, then one override flag per config key."""
-    parser.add_argument("--config", help="YAML config file, or a shipped config name (smoke-dinov2, ...)")
-    parser.add_argument("--output_dir", required=True, help="run folder: run.json, metrics.jsonl, checkpoints/, model/")
-    parser.add_argument("--resume_from_checkpoint", metavar="latest|PATH", help="continue a run from a checkpoint")
-    parser.add_argument("--overwrite", action="store_true", help="start afresh in an output_dir that holds a run")
-    overrides = parser.add_argument_group("config overrides (YAML values: --model '{num_register_tokens: 0}')")
+    """The command's flags: the run's own, then one override flag per config key, each with its help and default.
+
+    Every flag is accepted with underscores or dashes (`--output_dir` / `--output-dir`), as transformers'
+    HfArgumentParser does."""
+
+    parser.add_argument(
+        *spellings("--config"), help="YAML config file, or a shipped config name (smoke-dinov2, ...) (default: none)"
+    )
+    parser.add_argument(
+        *spellings("--output_dir"),
+        required=True,
+        help="run folder: run.json, metrics.jsonl, checkpoints/, model/ (required, no default)",
+    )
+    parser.add_argument(
+        *spellings("--resume_from_checkpoint"),
+        metavar="latest|PATH",
+        help="continue a run from a checkpoint (default: none, a fresh run)",
+    )
+    parser.add_argument(
+        *spellings("--overwrite"),
+        action="store_true",
+        help="start afresh in an output_dir that holds a run (default: off, such a folder is refused)",
+    )
+    overrides = parser.add_argument_group(
+        "config overrides",
+        "Each key of the YAML config; the value is read as YAML (--model '{num_register_tokens: 0}', "
+        "--global-crops-scale '[0.4, 1]'). The default shown is the key's default when the config file omits it.",
+    )
     for name, spec in FIELDS.items():
-        as_string = spec.type in (str, "str") or str(spec.type) in ("str | None", "<class 'str'>")
-        overrides.add_argument(f"--{name}", type=str if as_string else parse_yaml_value, default=None, metavar="V")
+        allowed = choices(name)
+        as_string = allowed is not None or base_type(name) is str
+        overrides.add_argument(
+            *spellings(f"--{name}"),
+            dest=name,
+            type=str if as_string else parse_yaml_value,
+            default=None,
+            metavar="{" + ",".join(allowed) + "}" if allowed else "V",
+            help=f"{spec.metadata['help']} (default: {shown_default(field_default(name))})".replace("%", "%%"),
+        )
+
+
+def shown_default(value) -> str:
+    """A default as it is written in YAML."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(map(str, value)) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {shown_default(v)}" for k, v in value.items()) + "}"
+    return str(value)
 
 
 def parse_yaml_value(text: str):
@@ -71,47 +120,28 @@ def check_output_dir(output_dir: Path, resume: str | None, overwrite: bool) -> N
         raise UserError(f"{output_dir} already holds a run: pass --resume_from_checkpoint latest, or --overwrite")
 
 
-def build_model(config: TrainConfig, images) -> tuple[torch.nn.Module, torch.nn.Module, ViTRegConfig, list]:
-    """The student, its objective (teacher, centers), the backbone config and the last-layer parameters."""
-    kwargs = model_config_kwargs(config)
-    if config.objective == "supervised":
-        names = data.class_names(images, config.label_column)
-        kwargs.update(num_labels=len(names), id2label=dict(enumerate(names)), use_mask_token=False)
-        kwargs["label2id"] = {name: i for i, name in enumerate(names)}
+def build_model(config: TrainConfig, images) -> tuple[torch.nn.Module, torch.nn.Module, ViTRegConfig]:
+    """The student, its objective (teacher, centers) and the backbone config."""
+    objective_class = OBJECTIVES[config.objective]
+    kwargs = {**model_config_kwargs(config), **objective_class.model_config_kwargs(config, images)}
     try:
         model_config = ViTRegConfig(**kwargs)
     except (TypeError, ValueError) as error:
         raise UserError(f"config model: {error}") from None
-    if config.objective == "supervised":
-        student = ViTRegForImageClassification(model_config)
-        backbone, objective = student.vitreg, SupervisedObjective(config)
-    else:
-        backbone = ViTRegModel(model_config)
-        student = DINOv2Student(backbone, config)
-        objective = DINOv2Objective(student, config)
+    student = objective_class.build_student(model_config, config)
     if config.gradient_checkpointing:
-        backbone.gradient_checkpointing_enable()
-    last_layer = [p for name, p in student.named_parameters() if ".last_layer." in name]
-    return student, objective, model_config, last_layer
+        student.gradient_checkpointing_enable()
+    return student, objective_class(student, config), model_config
 
 
 def build_data(config: TrainConfig, images, patch_size: int, rank: int, world_size: int, start_step: int):
     """The DataLoader of this process, starting at `start_step` of the run's data stream."""
-    c = config
-    if c.objective == "dinov2":
-        transform = MultiCrop(
-            c.global_crop_size, c.global_crops_scale, c.local_crops_number, c.local_crop_size, c.local_crops_scale
-        )
-        collate, label = data.DINOv2Collate(c, patch_size), None
+    transform, collate, label = OBJECTIVES[config.objective].data_pipeline(config, patch_size, images)
+    if config.dataset is not None:
+        dataset = data.streamed_images(images, config, transform, rank, world_size, start_step)
     else:
-        transform = ThreeAugment(c.global_crop_size, c.crop_scale, c.color_jitter, c.three_augment)
-        collate = data.SupervisedCollate(c, len(data.class_names(images, c.label_column)))
-        label = c.label_column
-    if c.dataset is not None:
-        dataset = data.streamed_images(images, c, transform, rank, world_size, start_step)
-    else:
-        dataset = data.AugmentedImages(images, transform, c.image_column, label)
-    return data.make_loader(dataset, collate, c, rank, world_size, start_step)
+        dataset = data.AugmentedImages(images, transform, config.image_column, label)
+    return data.make_loader(dataset, collate, config, rank, world_size, start_step)
 
 
 def write_run_info(path: Path, config: TrainConfig, accelerator, model_config: ViTRegConfig, **extra) -> None:
@@ -151,6 +181,24 @@ def restart_metrics(path: Path, start_step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
+def run_provenance(config: TrainConfig, config_file: str | None, final_loss: float, num_processes: int) -> Provenance:
+    """The provenance of a finished run: recipe, length, loss, and the data (a Hub dataset id or a local folder)."""
+    source = config.data_dir or config.dataset
+    local = source is not None and Path(source).exists()
+    return Provenance(
+        kind="trained",
+        description=f"Pretrained with `vitreg pretrain` ({config.objective}).",
+        datasets=[config.dataset] if config.dataset and not local else [],
+        local_data=Path(source).name if local else None,
+        vitreg_version=vitreg.__version__,
+        objective=config.objective,
+        config_file=Path(config_file).name if config_file else None,
+        steps=config.max_steps,
+        final_loss=final_loss,
+        num_processes=num_processes,
+    )
+
+
 def train(
     config: TrainConfig,
     output_dir: Path,
@@ -161,9 +209,9 @@ def train(
     """Run (or resume) a pretraining run into `output_dir`; returns 0 or raises UserError."""
     output_dir = Path(output_dir)
     check_output_dir(output_dir, resume, overwrite)
-    # DDP: without the iBOT loss the mask token (and a separate iBOT head) take no part in the step.
+    # DDP must look for parameters a step leaves out of the graph (a separate iBOT head without the iBOT loss).
     ddp = DistributedDataParallelKwargs(
-        find_unused_parameters=config.objective == "dinov2" and not config.ibot_loss_weight
+        find_unused_parameters=OBJECTIVES[config.objective].leaves_parameters_unused(config)
     )
     # `accelerate launch --multi_gpu` on a machine without accelerators: run the processes on CPU over gloo.
     cpu_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available()
@@ -186,16 +234,15 @@ def train(
 
 def train_loop(accelerator, config, output_dir, resume, overwrite, config_file) -> int:
     """The run itself, on an Accelerator."""
-    set_seed(config.seed, device_specific=True)
     main = accelerator.is_main_process
     with accelerator.main_process_first():  # one process builds the datasets cache
         images = data.load_images(config)
-    student, objective, model_config, last_layer = build_model(config, images)
-    optimizer = torch.optim.AdamW(
-        schedules.param_groups(student, model_config.num_hidden_layers, config),
-        lr=0.0,  # every group's lr and weight decay are set by the schedules before each step
-        betas=(config.adam_beta1, config.adam_beta2),
-    )
+    # One initialisation on every process: the EMA teacher is copied from the student before DDP broadcasts rank 0's
+    # weights, and FSDP2 shards what each process built. Then a seed per process for drop path and the like.
+    set_seed(config.seed)
+    student, objective, model_config = build_model(config, images)
+    set_seed(config.seed, device_specific=True)
+    optimizer = build_optimizer(student, model_config.num_hidden_layers, config)
     student, optimizer = accelerator.prepare(student, optimizer)
     objective.to(accelerator.device)
 
@@ -205,7 +252,7 @@ def train_loop(accelerator, config, output_dir, resume, overwrite, config_file) 
         if resumed_from is not None:
             start_step = checkpoint.load_checkpoint(accelerator, objective, resumed_from)
         elif main:
-            print(f"pretrain: no checkpoint in {checkpoint.checkpoints_dir(output_dir)} yet, starting from step 0")
+            logger.info(f"pretrain: no checkpoint in {checkpoint.checkpoints_dir(output_dir)} yet, starting at step 0")
     if start_step >= config.max_steps:
         raise UserError(f"the checkpoint is at step {start_step}, not before max_steps={config.max_steps}")
     metrics_path = output_dir / "metrics.jsonl"
@@ -231,6 +278,8 @@ def train_loop(accelerator, config, output_dir, resume, overwrite, config_file) 
     loader = build_data(
         config, images, model_config.patch_size, accelerator.process_index, accelerator.num_processes, start_step
     )
+    if resumed_from is not None:  # a stream continues where it was saved (an image folder: from start_step)
+        checkpoint.load_data_state(loader, resumed_from, accelerator.process_index)
     batches = iter(loader)
     peak_lr = config.peak_lr(accelerator.num_processes)
     global_batch = config.global_batch_size(accelerator.num_processes)
@@ -243,30 +292,17 @@ def train_loop(accelerator, config, output_dir, resume, overwrite, config_file) 
         # data: a batch from the workers, already augmented and collated
         batch = {key: value.to(accelerator.device, non_blocking=True) for key, value in next(batches).items()}
         values = schedules.values_at(step, config, peak_lr)
-        schedules.apply(optimizer, values)
 
-        # model and loss
-        with accelerator.autocast():
-            loss, parts = objective(student, batch, values)
-        if accelerator.reduce((~torch.isfinite(loss.detach())).float().reshape(1), "sum").item() > 0:
+        # model, loss and step: forward, backward, per-module clipping, AdamW, EMA teacher (training/step.py)
+        try:
+            loss, parts = train_step(accelerator, student, objective, optimizer, batch, values, config.clip_grad)
+        except NonFiniteLoss as error:
             progress.close()
             last = checkpoint.list_checkpoints(output_dir)
-            detail = ", ".join(f"{k}={v.item():.4g}" for k, v in parts.items())
             raise UserError(
-                f"the loss is not finite at step {step + 1} ({detail}); stopped without saving, the last "
+                f"the loss is not finite at step {step + 1} ({error}); stopped without saving, the last "
                 f"good checkpoint is {last[-1] if last else 'none'}: lower the lr or check the data"
-            )
-
-        # step: backward, last-layer freeze, clipping, optimizer, EMA teacher
-        accelerator.backward(loss)
-        if values.freeze_last_layer:
-            for param in last_layer:
-                param.grad = None
-        if config.clip_grad:
-            accelerator.clip_grad_norm_(student.parameters(), config.clip_grad)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        objective.update_teacher(accelerator.unwrap_model(student), values.momentum)
+            ) from None
         window_steps += 1
         progress.update(1)
 
@@ -274,11 +310,10 @@ def train_loop(accelerator, config, output_dir, resume, overwrite, config_file) 
         done = step + 1
         if done % config.logging_steps == 0 or done == config.max_steps:
             names = ["loss", *parts]
-            means = accelerator.reduce(torch.stack([loss.detach(), *parts.values()]).float(), "mean").tolist()
+            means = accelerator.reduce(torch.stack([loss, *parts.values()]).float(), "mean").tolist()
             seconds = (time.perf_counter() - window_start) / window_steps
             record = {"step": done, **dict(zip(names, means)), "lr": values.lr, "weight_decay": values.weight_decay}
-            if config.objective == "dinov2":
-                record.update(momentum=values.momentum, teacher_temp=values.teacher_temp)
+            record.update(objective.values_to_log(values))
             record.update(images_per_s=global_batch / seconds, step_time_s=seconds)
             if config.peak_tflops:
                 record["mfu"] = mfu(flops_per_step, seconds, config.peak_tflops)
@@ -293,7 +328,7 @@ def train_loop(accelerator, config, output_dir, resume, overwrite, config_file) 
         # checkpoint
         if done % config.checkpointing_steps == 0 or done == config.max_steps:
             saved_at = checkpoint.save_checkpoint(
-                accelerator, objective, output_dir, done, config.checkpoints_total_limit
+                accelerator, objective, output_dir, done, config.checkpoints_total_limit, loader
             )
             window_start = time.perf_counter()  # saving is not training time
     progress.close()
@@ -303,26 +338,11 @@ def train_loop(accelerator, config, output_dir, resume, overwrite, config_file) 
     if main:
         from vitreg.model_cards import save_model_folder
 
-        model = objective.export_model() if config.objective == "dinov2" else accelerator.unwrap_model(student)
-        provenance = {
-            "kind": "trained",
-            "objective": config.objective,
-            "config_file": Path(config_file).name if config_file else None,
-            "steps": config.max_steps,
-            "final_loss": record.get("loss", math.nan),
-            "dataset": config.dataset or (Path(config.data_dir).name if config.data_dir else None),
-            "num_processes": accelerator.num_processes,
-            "num_register_tokens": model_config.num_register_tokens,
-            "description": f"Pretrained with `vitreg pretrain` ({config.objective}); last checkpoint {saved_at.name}.",
-        }
-        save_model_folder(
-            model,
-            output_dir / "model",
-            {k: v for k, v in provenance.items() if v is not None},
-            overwrite=True,
-            crop_size=config.global_crop_size,
-        )
-        print(f"pretrain: done, {config.max_steps} steps; model in {output_dir / 'model'}")
+        model = objective.export_model(accelerator.unwrap_model(student))
+        provenance = run_provenance(config, config_file, record.get("loss", math.nan), accelerator.num_processes)
+        provenance.description += f" Last checkpoint {saved_at.name}."
+        save_model_folder(model, output_dir / "model", provenance, overwrite=True, crop_size=config.global_crop_size)
+        logger.info(f"pretrain: done, {config.max_steps} steps; model in {output_dir / 'model'}")
     accelerator.wait_for_everyone()
     return 0
 
@@ -332,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vitreg.training.pretrain", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
+    show_library_logs()
     try:
         return run(args)
     except UserError as error:
