@@ -4,6 +4,7 @@ import argparse
 from pathlib import Path
 
 from vitreg.core.errors import UserError
+from vitreg.core.flags import spellings
 
 from .lost import ALL_ANNOTATIONS, DEFAULT_SPLIT, FEATURES, LOST_PATCHES
 from .report import run_analysis
@@ -14,18 +15,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="ViTReg folder or Hub id (with or without registers)")
     parser.add_argument("images", metavar="IMAGE_OR_FOLDER", nargs="*", help="images, or folders of images")
     parser.add_argument(
-        "--output-dir", "--out", required=True, type=Path, help="output folder: report.json, figures/, index.html"
+        *spellings("--output-dir"),
+        "--out",
+        required=True,
+        type=Path,
+        help="output folder: report.json, figures/, index.html",
     )
     parser.add_argument(
-        "--image-size", type=int, help="resize the short side to N and center-crop NxN (518: the paper's 37x37 grid)"
+        *spellings("--image-size"),
+        type=int,
+        help="resize the short side to N and center-crop NxN (518: the paper's 37x37 grid)",
     )
     parser.add_argument(
-        "--no-crop", action="store_true", help="keep the whole image (no square crop; sides trimmed to patch multiples)"
+        *spellings("--no-crop"),
+        action="store_true",
+        help="keep the whole image (no square crop; sides trimmed to patch multiples)",
     )
-    parser.add_argument("--threshold", type=float, help="fixed outlier norm (default: an automatic robust threshold)")
-    parser.add_argument("--compare", metavar="OTHER_MODEL", help="a second model analysed side by side")
     parser.add_argument(
-        "--lost",
+        *spellings("--threshold"), type=float, help="fixed outlier norm (default: an automatic robust threshold)"
+    )
+    parser.add_argument(*spellings("--compare"), metavar="OTHER_MODEL", help="a second model analysed side by side")
+    parser.add_argument(
+        *spellings("--lost"),
         metavar="VOC_ROOT",
         type=Path,
         help="LOST object discovery and its CorLoc over a VOC folder (e.g. VOCdevkit/VOC2007), as the official code: "
@@ -33,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "do not apply to it",
     )
     parser.add_argument(
-        "--split",
+        *spellings("--split"),
         "--lost-split",
         dest="split",
         metavar="NAME",
@@ -42,14 +53,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"registers papers report for VOC07 and VOC12; {ALL_ANNOTATIONS!r}: every file in Annotations/)",
     )
     parser.add_argument(
-        "--lost-patches",
+        *spellings("--lost-patches"),
         metavar="K",
         type=int,
         default=LOST_PATCHES,
         help="LOST's k: the seed is expanded among the K lowest-degree patches (default %(default)s)",
     )
-    parser.add_argument("--device", help="torch device for the models, e.g. cuda (default: cpu)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    parser.add_argument(*spellings("--device"), help="torch device for the models, e.g. cuda (default: cpu)")
+    parser.add_argument(*spellings("--overwrite"), action="store_true", help="replace a non-empty output folder")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,6 +3,7 @@
 import argparse
 
 from vitreg.core.errors import UserError
+from vitreg.core.flags import spellings
 
 from .converter import DTYPES, convert, convert_batch, export_dinov2
 
@@ -16,18 +17,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("source", help="checkpoint file or folder (with --batch: a folder of official files)")
     parser.add_argument("output", help="output folder (with --to dinov2: the .pth or .safetensors file to write)")
-    parser.add_argument("--head", help="official linear head (*_linear_head.pth / *_linear4_head.pth) to add")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights (default: keep the source's)")
-    parser.add_argument("--num-heads", type=int, help="attention heads (default: width / 64, as in DINOv2)")
-    parser.add_argument("--verify", action="store_true", help="reload the result and compare every token with timm")
     parser.add_argument(
-        "--batch",
+        *spellings("--head"), help="official linear head (*_linear_head.pth / *_linear4_head.pth) to add"
+    )
+    parser.add_argument(*spellings("--overwrite"), action="store_true", help="replace a non-empty output")
+    parser.add_argument(
+        *spellings("--dtype"), choices=sorted(DTYPES), help="cast the weights (default: keep the source's)"
+    )
+    parser.add_argument(*spellings("--num-heads"), type=int, help="attention heads (default: width / 64, as in DINOv2)")
+    parser.add_argument(
+        *spellings("--verify"), action="store_true", help="reload the result and compare every token with timm"
+    )
+    parser.add_argument(
+        *spellings("--batch"),
         action="store_true",
         help="convert every dinov2_vit*14[_reg4]_pretrain.pth in SOURCE (and its heads) into OUTPUT/dinov2-vit*",
     )
-    parser.add_argument("--to", choices=["dinov2"], help="export a ViTReg folder to the official DINOv2 layout")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        *spellings("--to"), choices=["dinov2"], help="export a ViTReg folder to the official DINOv2 layout"
+    )
+    parser.add_argument(*spellings("--no-progress"), action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ from huggingface_hub import ModelCard, constants
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
 from vitreg.core.errors import UserError
+from vitreg.core.flags import spellings
 from vitreg.core.provenance import PROVENANCE_FILE, Provenance
 
 from .card import build_card, read_provenance
@@ -278,13 +279,17 @@ def report(result: PublishResult, dry_run: bool) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `vitreg publish`."""
     parser.add_argument("model_dir", nargs="?", type=Path, help="a ViTReg folder (written by convert or pretrain)")
-    parser.add_argument("--repo-id", help="target Hub repository, ORG/NAME")
-    parser.add_argument("--batch", type=Path, metavar="DIR", help="publish every ViTReg folder below DIR")
-    parser.add_argument("--org", help="with --batch: the organisation; each folder goes to ORG/<folder name>")
-    parser.add_argument("--private", action="store_true", help="create the repository as private")
-    parser.add_argument("--revision", help="branch to commit to (created if missing); default main")
-    parser.add_argument("--token", help="Hugging Face token (default: HF_TOKEN or the stored login)")
-    parser.add_argument("--dry-run", action="store_true", help="validate and list the files; no network, no token")
+    parser.add_argument(*spellings("--repo-id"), help="target Hub repository, ORG/NAME")
+    parser.add_argument(*spellings("--batch"), type=Path, metavar="DIR", help="publish every ViTReg folder below DIR")
+    parser.add_argument(
+        *spellings("--org"), help="with --batch: the organisation; each folder goes to ORG/<folder name>"
+    )
+    parser.add_argument(*spellings("--private"), action="store_true", help="create the repository as private")
+    parser.add_argument(*spellings("--revision"), help="branch to commit to (created if missing); default main")
+    parser.add_argument(*spellings("--token"), help="Hugging Face token (default: HF_TOKEN or the stored login)")
+    parser.add_argument(
+        *spellings("--dry-run"), action="store_true", help="validate and list the files; no network, no token"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,6 +1,7 @@
 """Shared fixtures: everything offline, tiny configs, real photos shipped by scikit-image."""
 
 import os
+import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -48,6 +49,17 @@ def photos() -> list[Image.Image]:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps its state in process-wide singletons; a test that built an Accelerator must not hand its
+    state to the next one."""
+    yield
+    if "accelerate.state" in sys.modules:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 # Shared by the model, parity, training and pipeline tests.
@@ -120,3 +132,26 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """Largest absolute difference of two same-shaped tensors (0 for empty ones)."""
     assert a.shape == b.shape, (a.shape, b.shape)
     return (a - b).abs().max().item() if a.numel() else 0.0
+
+
+def spawn_launcher(function, args: tuple = (), num_processes: int = 2) -> None:
+    """accelerate's `debug_launcher` (N CPU processes over gloo), but with spawned processes: a forked child inherits
+    the test process's OpenMP thread pool and can hang in its first parallel region. `function` must be importable."""
+    import tempfile
+
+    from accelerate.utils import PrepareForLaunch, patch_environment
+    from torch.multiprocessing import start_processes
+
+    with (
+        tempfile.NamedTemporaryFile() as rendezvous,
+        patch_environment(
+            world_size=num_processes,
+            master_addr="127.0.0.1",
+            master_port="29500",
+            accelerate_mixed_precision="no",
+            accelerate_debug_rdv_file=rendezvous.name,
+            accelerate_use_cpu="yes",
+            gloo_socket_ifname="lo",
+        ),
+    ):
+        start_processes(PrepareForLaunch(function, debug=True), args=args, nprocs=num_processes, start_method="spawn")

@@ -5,13 +5,13 @@ The command is the top layer: it imports the tools, nothing imports it.
 
 import argparse
 import importlib
-import logging
 import sys
 from collections.abc import Sequence
 from typing import NamedTuple
 
 from . import __version__
 from .core.errors import UserError
+from .core.logs import show_library_logs
 
 
 class Subcommand(NamedTuple):
@@ -56,22 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def normalize_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
-    """`argv` with every long flag spelled as `parser` knows it: `--output-dir` and `--output_dir` are one flag."""
-    known = {option for action in parser._actions for option in action.option_strings if option.startswith("--")}
-    by_key = {option.replace("_", "-"): option for option in known}
-    normalized = []
-    for arg in argv:
-        if arg == "--":  # everything after it is positional
-            normalized.extend(argv[len(normalized) :])
-            break
-        name, sep, value = arg.partition("=")
-        if name.startswith("--") and name not in known:
-            name = by_key.get(name.replace("_", "-"), name)
-        normalized.append(name + sep + value)
-    return normalized
-
-
 def import_subcommand(name: str):
     """The module of subcommand `name`; a missing optional dependency names the extra that installs it."""
     subcommand = SUBCOMMANDS[name]
@@ -84,28 +68,6 @@ def import_subcommand(name: str):
             f"needs the package {error.name!r}, which the [{subcommand.extra}] extra installs: "
             f"pip install 'vitreg[{subcommand.extra}]'"
         ) from None
-
-
-class CurrentStderrHandler(logging.StreamHandler):
-    """A stream handler writing to `sys.stderr` as it is at each message (callers and tests may replace it)."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, value):  # StreamHandler.__init__ assigns one; the property always answers the current stderr
-        pass
-
-
-def show_library_logs() -> None:
-    """Library functions log through `vitreg.*` loggers; the command shows their INFO messages on stderr."""
-    logger = logging.getLogger("vitreg")
-    if not any(isinstance(handler, CurrentStderrHandler) for handler in logger.handlers):
-        handler = CurrentStderrHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -124,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     sub = argparse.ArgumentParser(prog=f"vitreg {name}", description=SUBCOMMANDS[name].help)
     module.add_arguments(sub)
-    args = sub.parse_args(normalize_flags(sub, argv[1:]))
+    args = sub.parse_args(argv[1:])
     show_library_logs()
     try:
         return int(module.run(args) or 0)
