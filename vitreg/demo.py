@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from vitreg.core.images import sample_photos
+from vitreg.core.logs import show_library_logs
 
 
 def banner(text: str) -> None:
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vitreg.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("demo-output"))
     args = parser.parse_args(argv)
+    show_library_logs()  # the conversion's verification, the run's progress notes
     args.workdir.mkdir(parents=True, exist_ok=True)
     photos = sample_photos(args.workdir / "photos")
     print(f"{len(photos)} photos from scikit-image in {args.workdir / 'photos'}")
