@@ -337,3 +337,22 @@ def test_shipped_configs_load():
     assert {"smoke-dinov2", "smoke-supervised"} <= set(names) and len(names) >= 5
     for name in names:
         load_config(name)
+
+
+def test_deit3_exempts_tokens_and_positions_from_weight_decay_dinov2_does_not():
+    """DeiT III's optimizer (timm's factory) skips pos_embed and cls_token (`no_weight_decay()`) and 1-D parameters;
+    DINOv2 decays everything but biases, norms and LayerScale."""
+    from vitreg.modeling_vitreg import ViTRegForImageClassification
+    from vitreg.training.step import build_optimizer
+
+    tokens = ("position_embeddings", "cls_token", "register_tokens")
+    for objective, decayed in (("supervised", 0.0), ("dinov2", 1.0)):
+        config = TrainConfig(objective=objective, supervised_loss="ce")
+        model = ViTRegForImageClassification(tiny_config(num_labels=3))
+        optimizer = build_optimizer(model, 2, config)
+        wd = {id(p): group["wd_mult"] for group in optimizer.param_groups for p in group["params"]}
+        for name, param in model.named_parameters():
+            if name.endswith(tokens):
+                assert wd[id(param)] == decayed, (objective, name)
+            elif name.endswith("attention.qkv.weight"):
+                assert wd[id(param)] == 1.0, (objective, name)

@@ -61,6 +61,9 @@ class DINOv2Objective(nn.Module):
     """DINO + iBOT + KoLeo against an EMA teacher that sees the unmasked global crops, composed as DINOv2's
     `ssl_meta_arch.forward_backward` composes them."""
 
+    # DINOv2 decays every weight but biases, norms and LayerScale: tokens and position embeddings included.
+    no_weight_decay: tuple[str, ...] = ()
+
     def __init__(self, student: DINOv2Student, config: TrainConfig):
         super().__init__()
         self.config = config
@@ -175,6 +178,14 @@ class DINOv2Objective(nn.Module):
 
 class SupervisedObjective(nn.Module):
     """DeiT III: classification on soft (mixed) targets with BCE, or cross-entropy with label smoothing."""
+
+    # DeiT III (through timm's optimizer factory) exempts the model's `no_weight_decay()` names, pos_embed and
+    # cls_token, and every 1-D parameter from weight decay; ViTReg's registers are tokens like CLS.
+    no_weight_decay: tuple[str, ...] = (
+        "embeddings.position_embeddings",
+        "embeddings.cls_token",
+        "embeddings.register_tokens",
+    )
 
     def __init__(self, student: ViTRegForImageClassification, config: TrainConfig):
         super().__init__()

@@ -63,10 +63,12 @@ def layer_id(name: str, num_layers: int) -> int:
     return 0 if ".embeddings." in f".{name}" else num_layers + 1
 
 
-def param_groups(model: nn.Module, num_layers: int, config: TrainConfig) -> list[dict]:
+def param_groups(
+    model: nn.Module, num_layers: int, config: TrainConfig, no_weight_decay: tuple[str, ...] = ()
+) -> list[dict]:
     """AdamW groups with `lr_mult` (layer-wise decay, patch-embed multiplier), `wd_mult` (0 for norms, biases,
-    LayerScale) and `last_layer` (the prototypes, whose lr follows `last_layer_lr`), as DINOv2 builds them; groups
-    share parameters with equal multipliers."""
+    LayerScale, and parameters whose name ends with one of `no_weight_decay`) and `last_layer` (the prototypes, whose
+    lr follows `last_layer_lr`), as DINOv2 builds them; groups share parameters with equal multipliers."""
     groups: dict[tuple, dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -74,7 +76,7 @@ def param_groups(model: nn.Module, num_layers: int, config: TrainConfig) -> list
         lr_mult = config.layerwise_decay ** (num_layers + 1 - layer_id(name, num_layers))
         if "patch_embeddings" in name:
             lr_mult *= config.patch_embed_lr_mult
-        no_decay = name.endswith(".bias") or "norm" in name or "layer_scale" in name
+        no_decay = name.endswith((".bias", *no_weight_decay)) or "norm" in name or "layer_scale" in name
         wd_mult = 0.0 if no_decay else 1.0
         is_last_layer = ".last_layer." in name
         key = (lr_mult, wd_mult, is_last_layer)

@@ -6,12 +6,15 @@ from torch import nn
 
 from . import schedules
 from .config import TrainConfig
+from .objectives import OBJECTIVES
 from .schedules import StepValues
 
 
 def build_optimizer(student: nn.Module, num_layers: int, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over DINOv2's parameter groups; every group's lr and weight decay are set by `train_step`."""
-    groups = schedules.param_groups(student, num_layers, config)
+    """AdamW over DINOv2's parameter groups (less what the objective exempts from weight decay); every group's lr and
+    weight decay are set by `train_step`."""
+    no_weight_decay = OBJECTIVES[config.objective].no_weight_decay
+    groups = schedules.param_groups(student, num_layers, config, no_weight_decay)
     return torch.optim.AdamW(groups, lr=0.0, betas=(config.adam_beta1, config.adam_beta2))
 
 
