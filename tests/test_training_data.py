@@ -114,7 +114,7 @@ def stream_loader(folder: Path, rank: int, world_size: int, **overrides):
     fields = dict(dataset=str(folder), num_workers=2, batch_size_per_device=2, shuffle_buffer_size=0, seed=3)
     config = TrainConfig(**{**fields, **overrides})
     images = data.load_images(config)  # offline (conftest): a local folder must not need the Hub
-    dataset = data.streamed_images(images, config, image_id, rank, world_size)
+    dataset = data.StreamedImages(images, image_id, config, rank, world_size)
     return data.make_loader(dataset, collate, config, rank, world_size, 0)
 
 

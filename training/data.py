@@ -217,12 +217,6 @@ class StreamedImages(IterableDataset):
         self.resume = state if state.get("stream") is not None else None
 
 
-def streamed_images(images, config: TrainConfig, transform, rank: int, world_size: int, start_step: int = 0):
-    """This process's endless augmented stream; a resumed run restores its position with the loader's
-    `load_state_dict` (see checkpoint.py), not by skipping `start_step` batches."""
-    return StreamedImages(images, transform, config, rank, world_size)
-
-
 class DINOv2Collate:
     """Stack multi-crop samples crop-major and draw the iBOT masks of the global crops."""
 

@@ -36,7 +36,6 @@ from .flops import mfu, train_step_flops
 from .objectives import OBJECTIVES
 from .step import NonFiniteLoss, build_optimizer, train_step
 
-COMMAND_FLAGS = ("config", "output_dir", "resume_from_checkpoint", "overwrite")
 logger = logging.get_logger(__name__)
 
 
@@ -138,7 +137,8 @@ def build_data(config: TrainConfig, images, patch_size: int, rank: int, world_si
     """The DataLoader of this process, starting at `start_step` of the run's data stream."""
     transform, collate, label = OBJECTIVES[config.objective].data_pipeline(config, patch_size, images)
     if config.dataset is not None:
-        dataset = data.streamed_images(images, config, transform, rank, world_size, start_step)
+        # a resumed stream restores its position through the loader's state (checkpoint.load_data_state)
+        dataset = data.StreamedImages(images, transform, config, rank, world_size)
     else:
         dataset = data.AugmentedImages(images, transform, config.image_column, label)
     return data.make_loader(dataset, collate, config, rank, world_size, start_step)
