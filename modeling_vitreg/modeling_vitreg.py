@@ -74,6 +74,56 @@ class ViTRegPatchEmbeddings(nn.Module):
         return self.projection(pixel_values).flatten(2).transpose(1, 2)  # [B, HW, D]
 
 
+def fused_multiply_add(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """`a * b + c` in float32 with one rounding, as the FMA instructions PyTorch's CPU kernels compile to."""
+    return (a.double() * b.double() + c.double()).float()
+
+
+def keys_cubic(x: torch.Tensor, a: float) -> torch.Tensor:
+    """Keys' cubic convolution kernel with parameter `a`, evaluated in float32 as PyTorch's resampling kernels do."""
+    x = x.abs()
+    a = torch.tensor(a, dtype=torch.float32, device=x.device)
+    one = torch.ones((), dtype=torch.float32, device=x.device)
+    near = fused_multiply_add(fused_multiply_add(a + 2, x, -(a + 3)) * x, x, one)  # |x| < 1
+    far = fused_multiply_add(fused_multiply_add(fused_multiply_add(a, x, -5 * a), x, 8 * a), x, -4 * a)  # 1 <= |x| < 2
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def bicubic_resampling_matrix(in_size: int, out_size: int, step: torch.Tensor, antialias: bool) -> torch.Tensor:
+    """`[out_size, in_size]` matrix R such that `R @ x` is the bicubic resampling of `x` along one axis.
+
+    `step` (0-d float32) is the input distance between two output samples, as PyTorch derives it: `in / out` for a
+    target size, `1 / scale_factor` for a scale factor. The weights are those of `F.interpolate(mode="bicubic",
+    align_corners=False, antialias=antialias)`: Keys a=-0.75 on the 4 nearest inputs with clamped edges, or, with
+    antialias, Keys a=-0.5 stretched over the inputs one output covers, truncated at the edges and renormalised
+    (PIL's filter). Only tensor arithmetic on the sizes: traceable at symbolic sizes, exportable to ONNX.
+    """
+    device = step.device
+    j = torch.arange(in_size, device=device)  # input positions
+    i = torch.arange(out_size, device=device)  # output positions
+    if antialias:
+        stretch = step.clamp(min=1.0)  # a downscale widens the kernel by the step
+        support = 2.0 * stretch
+        inverse = (1.0 / stretch.double()).float()
+        center = (step.double() * (i.double() + 0.5)).float()  # [out]
+        # The window of inputs an output reads, as PIL bounds it; the float32 / float64 steps follow PyTorch's kernel.
+        first = ((center - support).double() + 0.5).floor().clamp(min=0)[:, None]
+        last = ((center + support).double() + 0.5).floor().clamp(max=in_size)[:, None]
+        last = torch.minimum(last, first + support.ceil() * 2 + 1)
+        distance = (((j[None] - center[:, None]).double() + 0.5) * inverse.double()).float()  # [out, in]
+        inside = (j[None] >= first) & (j[None] < last)
+        weights = torch.where(inside, keys_cubic(distance, -0.5), torch.zeros_like(distance))
+        return weights / weights.sum(dim=1, keepdim=True)
+    source = (step.double() * (i.double() + 0.5) - 0.5).float()  # [out] sample points in input coordinates
+    index = source.floor().clamp(max=in_size - 1)
+    t = (source - index).clamp(0, 1)
+    matrix = torch.zeros(out_size, in_size, device=device)
+    for tap, distance in zip((-1, 0, 1, 2), (t + 1, t, 1 - t, (1 - t) + 1)):
+        column = (index + tap).clamp(0, in_size - 1)  # edges repeat the border input
+        matrix = matrix + torch.where(column[:, None] == j[None], keys_cubic(distance, -0.75)[:, None], 0.0)
+    return matrix
+
+
 class ViTRegEmbeddings(nn.Module):
     """CLS token, register tokens, (masked) patch embeddings and their interpolated position embeddings."""
 
@@ -92,26 +142,46 @@ class ViTRegEmbeddings(nn.Module):
         self.position_embeddings = nn.Parameter(torch.zeros(1, self.num_cls_positions + self.grid**2, dim))
 
     def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
-        """Position embeddings `[1, (1) + h*w, D]` for an image of `height x width` pixels, as DINOv2 computes them."""
+        """Position embeddings `[1, (1) + h*w, D]` for an image of `height x width` pixels, as DINOv2 computes them.
+
+        The bicubic resampling is linear in the embedding, `R_rows @ P @ R_cols^T`, with matrices computed from the
+        sizes: one code path for every size, without a branch on the shape, so eager, `torch.compile`, `torch.export`
+        and ONNX run the same arithmetic, equal to DINOv2's `F.interpolate` call (tests/test_position_interpolation.py).
+        """
         rows, cols = grid_size(self.config, height, width)
         pos = self.position_embeddings
-        # DINOv2 skips interpolation only for the native grid on a square image.
-        if rows * cols == self.grid**2 and height == width:
-            return pos
         cls_pos, patch_pos = pos[:, : self.num_cls_positions], pos[:, self.num_cls_positions :]
-        patch_pos = patch_pos.float().reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)  # [1, D, g, g]
+        grid, dim = self.grid, pos.shape[-1]
+        # The matrices are tiny and need float64 steps (which MPS lacks): built on the CPU, then moved.
+        row_step, col_step = self.sampling_steps(rows, cols)
+        antialias = self.config.interpolate_antialias
+        row_matrix = bicubic_resampling_matrix(grid, rows, row_step, antialias).to(pos.device)  # [rows, g]
+        col_matrix = bicubic_resampling_matrix(grid, cols, col_step, antialias).to(pos.device)  # [cols, g]
+        patch_pos = patch_pos.float().reshape(grid, grid, dim)
+        # Columns first, then rows, the order of PyTorch's separable kernel.
+        patch_pos = torch.matmul(col_matrix, patch_pos)  # [g, cols, D]
+        patch_pos = torch.matmul(row_matrix, patch_pos.reshape(grid, -1))  # [rows, cols * D]
+        patch_pos = patch_pos.reshape(1, -1, dim).to(pos.dtype)  # [1, rows * cols, D]
+        return torch.cat((cls_pos, patch_pos), dim=1)
+
+    def sampling_steps(self, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input distance between output samples along rows and columns (0-d float32), as `F.interpolate` derives it.
+
+        DINOv2 returns the trained embeddings unchanged at the native square grid, and PyTorch's antialiased kernel
+        copies an axis whose size does not change: a step of 1 gives exactly that identity.
+        """
+        grid = self.grid
+        size = torch.stack([torch.arange(rows)[-1], torch.arange(cols)[-1]]) + 1  # (rows, cols) as a traced tensor
         offset = self.config.interpolate_offset
         if offset:
-            # DINOv2 without registers: scale factor (target + 0.1) / grid, which moves the sample points.
-            scale = ((rows + offset) / self.grid, (cols + offset) / self.grid)
-            resize = {"scale_factor": scale}
+            # DINOv2 without registers passes scale_factor=(size + offset) / grid; PyTorch samples at its inverse.
+            steps = (1.0 / ((size.double() + offset) / grid)).float()
         else:
-            resize = {"size": (rows, cols)}
-        patch_pos = F.interpolate(
-            patch_pos, mode="bicubic", align_corners=False, antialias=self.config.interpolate_antialias, **resize
-        )
-        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, rows * cols, -1).to(pos.dtype)  # [1, hw, D]
-        return torch.cat((cls_pos, patch_pos), dim=1)
+            steps = torch.full((2,), float(grid)) / size.float()
+        native = (size == grid).all()
+        identity = native | (size == grid) if self.config.interpolate_antialias else native
+        steps = torch.where(identity, 1.0, steps)
+        return steps[0], steps[1]
 
     def forward(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
         batch_size, _, height, width = pixel_values.shape
