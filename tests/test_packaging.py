@@ -22,6 +22,7 @@ ALLOWED = {
     "conversion": {"core", "modeling_vitreg", "model_cards", "conversion"},
     "training": {"core", "modeling_vitreg", "model_cards", "training"},
     "analysis": {"core", "modeling_vitreg", "analysis"},
+    "export": {"core", "modeling_vitreg", "export"},
 }
 
 

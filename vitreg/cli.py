@@ -36,6 +36,9 @@ SUBCOMMANDS = {
     "publish": Subcommand(
         "vitreg.model_cards.publish", "publish", "validate a ViTReg folder and publish it to the Hugging Face Hub"
     ),
+    "export": Subcommand(
+        "vitreg.export.cli", "onnx", "export a ViTReg folder to ONNX, exact at any image size (vitreg export onnx)"
+    ),
     "analyze": Subcommand(
         "vitreg.analysis.cli", "analysis", "measure high-norm artifact tokens and attention maps of a model"
     ),

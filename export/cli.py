@@ -1,0 +1,65 @@
+"""`vitreg export onnx MODEL_DIR OUT.onnx`: an ONNX graph of a ViTReg folder, checked against PyTorch."""
+
+import argparse
+from pathlib import Path
+
+from vitreg.core.flags import spellings
+
+from .onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, export_onnx
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `vitreg export`."""
+    parser.add_argument("format", choices=["onnx"], help="the format to write (onnx)")
+    parser.add_argument("model_dir", metavar="MODEL_DIR", type=Path, help="a ViTReg folder")
+    parser.add_argument("output", metavar="OUT.onnx", type=Path, help="the graph to write")
+    parser.add_argument(
+        *spellings("--dynamic"),
+        action="store_true",
+        help="any batch, height and width (multiples of the patch size, at least 2 patches a side), with DINOv2's "
+        "exact position interpolation in the graph; otherwise --image-size is fixed and only the batch is free",
+    )
+    parser.add_argument(
+        *spellings("--image-size"),
+        nargs=2,
+        type=int,
+        metavar=("H", "W"),
+        help="the fixed size, or the example size of a --dynamic export (default: the config's image_size)",
+    )
+    parser.add_argument(
+        *spellings("--opset"),
+        type=int,
+        default=DEFAULT_OPSET,
+        help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (default: %(default)s)",
+    )
+    parser.add_argument(
+        *spellings("--head"),
+        nargs="?",
+        const="classification",
+        default="model",
+        choices=["model", "classification", "backbone"],
+        help="what to export: the bare model (default: last_hidden_state, pooler_output, register_tokens, "
+        "patch_tokens), the classifier (--head alone: logits) or the backbone's feature maps (--head backbone)",
+    )
+    parser.add_argument(
+        *spellings("--no-verify"),
+        action="store_true",
+        help="skip running the graph with onnxruntime against PyTorch (by default every output must match to 1e-4)",
+    )
+    parser.add_argument(*spellings("--overwrite"), action="store_true", help="replace OUT.onnx if it exists")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Export, check and report in one line."""
+    exported = export_onnx(
+        args.model_dir,
+        args.output,
+        head=args.head,
+        dynamic=args.dynamic,
+        image_size=tuple(args.image_size) if args.image_size else None,
+        opset=args.opset,
+        overwrite=args.overwrite,
+        verify=not args.no_verify,
+    )
+    print(exported.summary())
+    return 0
