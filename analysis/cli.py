@@ -12,7 +12,12 @@ from .report import run_analysis
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `vitreg analyze`."""
-    parser.add_argument("model", metavar="MODEL", help="ViTReg folder or Hub id (with or without registers)")
+    parser.add_argument(
+        "model",
+        metavar="MODEL",
+        help="ViTReg folder or Hub repo, or any source vitreg convert reads (a DINOv2 / timm / transformers checkpoint "
+        "or Hub repo such as facebook/dinov2-base, an official name such as dinov2_vitl14_reg4), converted in memory",
+    )
     parser.add_argument("images", metavar="IMAGE_OR_FOLDER", nargs="*", help="images, or folders of images")
     parser.add_argument(
         *spellings("--output-dir"),
@@ -59,6 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=LOST_PATCHES,
         help="LOST's k: the seed is expanded among the K lowest-degree patches (default %(default)s)",
     )
+    parser.add_argument(*spellings("--revision"), help="branch, tag or commit of a Hub repo MODEL (default: main)")
     parser.add_argument(*spellings("--device"), help="torch device for the models, e.g. cuda (default: cpu)")
     parser.add_argument(*spellings("--overwrite"), action="store_true", help="replace a non-empty output folder")
 
@@ -83,14 +89,17 @@ def run(args: argparse.Namespace) -> int:
         lost_patches=args.lost_patches,
         crop=not args.no_crop,
         device=args.device,
+        revision=args.revision,
         overwrite=args.overwrite,
     )
     for record in [report] + ([report["compare"]] if "compare" in report else []):
         if record.get("images"):
             s = record["summary"]
+            attention = s["attention_on_outliers"]
             print(
                 f"{record['model']}: {s['outlier_fraction']:.2%} high-norm patch tokens "
                 f"(threshold {s['threshold']:.4g}, {s['images_with_outliers']}/{s['num_images']} images)"
+                + ("" if attention is None else f", CLS attention on them {attention:.2%}")
             )
     for run in report.get("lost", []):
         print(

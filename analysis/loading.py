@@ -1,42 +1,21 @@
-"""Inputs of an analysis: a ViTReg model with its image processor, and the images, refused clearly when unusable."""
+"""Inputs of an analysis: a model from any source with its image processor, and images, refused clearly if unusable."""
 
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, BaseImageProcessor, PreTrainedModel
+from transformers import BaseImageProcessor, PreTrainedModel
 
-import vitreg.modeling_vitreg  # noqa: F401  (registers ViTReg with the Auto classes)
+from vitreg.conversion.loading import load_backbone
 from vitreg.core.errors import UserError
-from vitreg.core.images import image_processor as default_image_processor
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+from vitreg.core.images import IMAGE_SUFFIXES
 
 
-def load_model(name_or_path: str | Path) -> tuple[PreTrainedModel, BaseImageProcessor]:
-    """A ViTReg folder or Hub id as an eval-mode fp32 `ViTRegModel` and its image processor."""
-    source = str(name_or_path)
-    path = Path(source)
-    if path.exists() and not (path / "config.json").is_file():
-        raise UserError(f"{source} is not a model folder (no config.json)")
-    if not path.exists() and (path.is_absolute() or source.startswith((".", "~"))):
-        raise UserError(f"{source} does not exist")
-    try:
-        config = AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot load a model config from {source}: {str(error).splitlines()[0]}") from None
-    if config.model_type != "vitreg":
-        raise UserError(f"{source} holds a {config.model_type!r} model, not a ViTReg model; convert it first")
-    try:
-        model = AutoModel.from_pretrained(source, dtype=torch.float32)
-    except (OSError, ValueError, RuntimeError) as error:
-        raise UserError(f"cannot load the model weights from {source}: {str(error).splitlines()[0]}") from None
-    try:
-        processor = AutoImageProcessor.from_pretrained(source)
-    except (OSError, ValueError):
-        processor = default_image_processor()  # a folder without preprocessor_config.json: DINOv2's defaults
-    return model.eval(), processor
+def load_model(name_or_path: str | Path, revision: str | None = None) -> tuple[PreTrainedModel, BaseImageProcessor]:
+    """Any model source as an eval-mode fp32 `ViTRegModel` and its image processor: a ViTReg folder or Hub repo, or a
+    DINOv2 / timm / transformers checkpoint, Hub repo or official DINOv2 name, converted in memory."""
+    return load_backbone(name_or_path, revision=revision)
 
 
 def collect_images(paths: Iterable[str | Path]) -> list[Path]:

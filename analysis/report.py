@@ -17,7 +17,7 @@ from .figures import histogram_figure, image_figure, layer_figure, lost_figure
 from .loading import check_images, collect_images, load_model
 from .lost import DEFAULT_SPLIT, LOST_PATCHES, corloc, read_voc
 
-# A folder or Hub id, or an already loaded (model, processor) or (model, processor, name).
+# A folder, file, official name or Hub id, or an already loaded (model, processor) or (model, processor, name).
 ModelSource = str | Path | tuple
 
 
@@ -196,12 +196,14 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} td:first-child{{
     (folder / "index.html").write_text(page)
 
 
-def _load(source: ModelSource, device: str | None) -> tuple[PreTrainedModel, BaseImageProcessor, str]:
+def _load(
+    source: ModelSource, device: str | None, revision: str | None = None
+) -> tuple[PreTrainedModel, BaseImageProcessor, str]:
     if isinstance(source, tuple):
         model, processor, *name = source
         name = str(name[0] if name else getattr(model, "name_or_path", "") or type(model).__name__)
     else:
-        (model, processor), name = load_model(source), str(source)
+        (model, processor), name = load_model(source, revision), str(source)
     if device is not None:
         try:
             model = model.to(device)
@@ -250,8 +252,12 @@ def run_analysis(
     device: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    revision: str | None = None,
 ) -> dict:
     """Analyse a model (and `compare`) on images (files, folders or PIL images), write `out/`; return report.json.
+
+    A model is a ViTReg folder or Hub repo, or any source `vitreg convert` reads (a DINOv2 / timm / transformers
+    checkpoint or Hub repo, an official DINOv2 name), converted in memory; `revision` applies to `model`.
 
     With `lost_root`, also LOST's CorLoc over that VOC folder's `lost_split` (ImageSets/Main/<split>.txt; "all":
     every annotation), at each image's own resolution as LOST runs; `image_size` and `crop` do not apply to it.
@@ -266,7 +272,7 @@ def run_analysis(
     if lost_root is not None:
         read_voc(lost_root, lost_split)  # a bad VOC folder fails before any model loads
     sources = [model] + ([compare] if compare is not None else [])
-    loaded = [_load(source, device) for source in sources]
+    loaded = [_load(source, device, revision if index == 0 else None) for index, source in enumerate(sources)]
     analyses = [
         analyze(m, processor, expanded, image_size, threshold, name=name, progress=progress, crop=crop)
         for m, processor, name in (loaded if expanded else [])

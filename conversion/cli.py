@@ -15,11 +15,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Dinov2 / Dinov2WithRegisters folder into a Hub-ready ViTReg folder. The layout and architecture are "
         "read from the keys and shapes."
     )
-    parser.add_argument("source", help="checkpoint file or folder (with --batch: a folder of official files)")
+    parser.add_argument(
+        "source",
+        help="checkpoint file or folder, official DINOv2 name (dinov2_vitl14_reg4, dinov2_vitl14_reg4_lc: with its "
+        "linear4 head) or Hub repo id (facebook/dinov2-with-registers-small); with --batch: a folder of official files",
+    )
     parser.add_argument("output", help="output folder (with --to dinov2: the .pth or .safetensors file to write)")
     parser.add_argument(
         *spellings("--head"), help="official linear head (*_linear_head.pth / *_linear4_head.pth) to add"
     )
+    parser.add_argument(*spellings("--revision"), help="branch, tag or commit of a Hub repo SOURCE (default: main)")
     parser.add_argument(*spellings("--overwrite"), action="store_true", help="replace a non-empty output")
     parser.add_argument(
         *spellings("--dtype"), choices=sorted(DTYPES), help="cast the weights (default: keep the source's)"
@@ -42,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the conversion the arguments ask for; prints where the result went."""
     if args.to:
-        if args.head or args.batch or args.dtype or args.num_heads or args.verify:
+        if args.head or args.batch or args.dtype or args.num_heads or args.verify or args.revision:
             raise UserError("--to dinov2 takes only SOURCE (a ViTReg folder), OUTPUT (a file) and --overwrite")
         print(f"wrote {export_dinov2(args.source, args.output, overwrite=args.overwrite)}")
         return 0
@@ -54,10 +59,10 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     if args.batch:
-        if args.head:
-            raise UserError("--batch finds the heads itself: drop --head")
+        if args.head or args.revision:
+            raise UserError("--batch reads a local folder and finds the heads itself: drop --head and --revision")
         for folder in convert_batch(args.source, args.output, **options):
             print(f"wrote {folder}")
         return 0
-    print(f"wrote {convert(args.source, args.output, head=args.head, **options)}")
+    print(f"wrote {convert(args.source, args.output, head=args.head, revision=args.revision, **options)}")
     return 0

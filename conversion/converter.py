@@ -34,6 +34,7 @@ from .reference import (
     timm_reference,
     transformers_reference,
 )
+from .sources import resolve_source
 
 logger = logging.get_logger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -184,6 +185,7 @@ def convert(
     output_dir: str | Path,
     *,
     head: str | Path | None = None,
+    revision: str | None = None,
     overwrite: bool = False,
     dtype: str | torch.dtype | None = None,
     num_heads: int | None = None,
@@ -192,17 +194,25 @@ def convert(
 ) -> Path:
     """Convert a DINOv2 (hub or training), timm or transformers checkpoint into a Hub-ready ViTReg folder.
 
+    `source`: a file or folder, an official DINOv2 name (`dinov2_vitl14_reg4`; `dinov2_vitl14_reg4_lc` with its
+    linear4 head), fetched into torch's hub cache, or a Hub repo id at `revision`, fetched into the Hub cache.
     `head` adds an official `*_linear_head.pth` / `*_linear4_head.pth` classifier (ImageNet-1k labels);
     `dtype` ("float32", "float16", "bfloat16") casts the weights; `num_heads` overrides heads = width / 64;
     `verify` reloads the folder and compares every token with timm / transformers, raising UserError beyond
     tolerance. The folder appears only when complete; a non-empty `output_dir` needs `overwrite`.
     """
-    source, output_dir = Path(source), Path(output_dir)
+    output_dir = Path(output_dir)
     check_output_dir(output_dir, overwrite)  # refuse before any heavy work
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
+    resolved = resolve_source(source, revision=revision, progress=progress)
+    if resolved.head is not None:
+        if head is not None:
+            raise UserError(f"{resolved.name} brings its own linear head: drop --head")
+        head = resolved.head
+    source = resolved.path
     conversion, source_state = read_source(source, num_heads)
     if verify:
         check_verifiable(conversion)
@@ -215,6 +225,9 @@ def convert(
         logger.info(f"note: {note}")
     model = build_model(conversion, dtype, source)
     provenance = provenance_of(source, conversion, head, progress)
+    if resolved.kind == "hub":
+        provenance.source_file = resolved.name + (f"@{resolved.revision}" if resolved.revision else "")
+        provenance.base_model = provenance.base_model or resolved.name
     save_model_folder(model, output_dir, provenance, overwrite=overwrite, max_shard_size=MAX_SHARD_SIZE)
     del model
     if verify:

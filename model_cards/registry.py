@@ -7,6 +7,7 @@ Numbers come from /work/shared/reference (DINOv2 model table and the registers p
 from dataclasses import dataclass
 
 DINOV2_REPO_URL = "https://github.com/facebookresearch/dinov2"
+DINOV2_WEIGHTS_URL = "https://dl.fbaipublicfiles.com/dinov2"  # where DINOv2's hubconf downloads the weights from
 IMAGENET_DATASET = "ILSVRC/imagenet-1k"
 
 
@@ -42,6 +43,15 @@ class OfficialBackbone:
     def head_file(self, kind: str) -> str:
         """File name of the official linear head `kind` ("linear" or "linear4")."""
         return f"{self.name}_{HEADS[kind].kind}_head.pth"
+
+    @property
+    def pretrain_url(self) -> str:
+        """Official download URL of the backbone weights (as DINOv2's hubconf builds it)."""
+        return f"{DINOV2_WEIGHTS_URL}/{self.name.removesuffix('_reg4')}/{self.pretrain_file}"
+
+    def head_url(self, kind: str) -> str:
+        """Official download URL of the linear head `kind`."""
+        return f"{DINOV2_WEIGHTS_URL}/{self.name.removesuffix('_reg4')}/{self.head_file(kind)}"
 
     @property
     def repo_name(self) -> str:

@@ -226,7 +226,7 @@ def test_hub_id_from_the_offline_cache(folders, tmp_path, monkeypatch):
     expected = ViTRegModel.from_pretrained(folders / "artifacts")
     assert torch.equal(model.layernorm.weight, expected.layernorm.weight)
     assert processor.crop_size == {"height": 224, "width": 224}
-    with pytest.raises(UserError, match="cannot load a model config from org/absent"):
+    with pytest.raises(UserError, match="org/absent is not in the Hub cache"):
         load_model("org/absent")
 
 

@@ -13,7 +13,7 @@ from vitreg.cli import SUBCOMMANDS, main
 from vitreg.core.flags import spellings
 
 ROOT = Path(__file__).resolve().parents[1]
-TOOLS = ("conversion", "training", "analysis", "model_cards")
+TOOLS = ("conversion", "training", "analysis", "model_cards", "extract")
 # Which of the package's layers each folder may import (besides itself): everything points down to the model.
 ALLOWED = {
     "modeling_vitreg": set(),
@@ -21,7 +21,8 @@ ALLOWED = {
     "model_cards": {"core", "modeling_vitreg", "model_cards"},
     "conversion": {"core", "modeling_vitreg", "model_cards", "conversion"},
     "training": {"core", "modeling_vitreg", "model_cards", "training"},
-    "analysis": {"core", "modeling_vitreg", "analysis"},
+    "analysis": {"core", "modeling_vitreg", "conversion", "analysis"},  # any source, converted in memory
+    "extract": {"core", "modeling_vitreg", "conversion", "extract"},
     "export": {"core", "modeling_vitreg", "export"},
 }
 
@@ -31,7 +32,10 @@ def test_a_users_folders_named_like_the_tools_cannot_shadow_them(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "__init__.py").write_text(f"raise ImportError('the user\\'s own {name} was imported')\n")
     (tmp_path / "modeling_vitreg.py").write_text("raise ImportError('a downloaded remote-code file was imported')\n")
-    code = "import vitreg.training.pretrain, vitreg.conversion, vitreg.analysis, vitreg.model_cards, vitreg.cli"
+    code = (
+        "import vitreg.training.pretrain, vitreg.conversion, vitreg.analysis, vitreg.model_cards, vitreg.extract, "
+        "vitreg.cli"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, capture_output=True)
     done = subprocess.run(
         [sys.executable, "-m", "vitreg.training.pretrain", "--help"], cwd=tmp_path, capture_output=True, text=True

@@ -42,6 +42,9 @@ SUBCOMMANDS = {
     "analyze": Subcommand(
         "vitreg.analysis.cli", "analysis", "measure high-norm artifact tokens and attention maps of a model"
     ),
+    "extract": Subcommand(
+        "vitreg.extract.cli", "extract", "features of a folder of images or a dataset, as a resumable Arrow dataset"
+    ),
 }
 
 
