@@ -3,8 +3,10 @@
 Both read the same folder of real photos (scikit-image's, copied to `--images` files) with the same model (ViT-S/14
 with 4 registers, random weights, fp32, CPU) and the same preprocessing (DINOv2's: short side to 256/224 of the
 crop, center crop): decode -> resize -> forward, then vitreg writes Arrow shards and the pipeline returns lists.
-Each round times both once (in a new random order); the table gives the median per-round ratio pipeline / extract
-(> 1: extract is faster) with its interquartile range, and the images/s of both. Two more timings per round split
+Each round times each once (in a new random order); the table gives the median per-round ratio pipeline / extract
+(> 1: extract is faster) with its interquartile range, and the images/s of each, for `--backend torch` and
+`--backend onnxruntime` (extract's times are its loop, decode -> forward -> write: the one-time ONNX export is left
+out, as the pipeline's construction is). Two more timings per round split
 the gain: the bare forward on preprocessed batches and the preprocessing alone; with decoding overlapped with the
 forward, extract can at best reach the forward's speed, so `(pre + forward) / forward` bounds the gain of overlap.
 
@@ -28,6 +30,7 @@ from transformers import pipeline
 
 from vitreg.core import Provenance, image_processor, sample_photos
 from vitreg.core.images import SAMPLE_PHOTOS
+from vitreg.export import ONNXRuntimeModel, export_onnx
 from vitreg.extract import extract_features, load_features
 from vitreg.model_cards import save_model_folder
 from vitreg.modeling_vitreg import ViTRegConfig, ViTRegModel
@@ -65,17 +68,25 @@ def measure(size: int, paths: list[Path], work: Path, args: argparse.Namespace) 
     extractor = pipeline("image-feature-extraction", model=str(folder), device="cpu")
     out = work / f"features-{size}"
 
-    def run_extract():
-        extract_features((model, processor), paths[0].parent, out, batch_size=args.batch_size, workers=args.workers,
-                         what="cls,patch", overwrite=True, progress=False)  # fmt: skip
+    def run_extract(backend: str = "torch") -> float:
+        """Seconds of the extraction loop (decode -> forward -> write); the one-time export of the onnxruntime
+        backend is left out, as the pipeline's construction is."""
+        summary = extract_features((model, processor), paths[0].parent, out, batch_size=args.batch_size,
+                                   workers=args.workers, what="cls,patch", overwrite=True, progress=False,
+                                   backend=backend)  # fmt: skip
+        return summary["seconds"]
 
     def run_pipeline():
         return extractor([str(p) for p in paths], batch_size=args.batch_size)
 
-    run_extract()  # warm-up, and the same features as the pipeline's
     reference = np.asarray(extractor(Image.open(paths[0]))[0])
-    ours = load_features(out).with_format("numpy")[0]
-    difference = max(np.abs(ours["cls"] - reference[0]).max(), np.abs(ours["patch"] - reference[5:]).max())
+    difference = 0.0
+    for backend in ("torch", "onnxruntime"):  # warm-up, and the same features as the pipeline's
+        run_extract(backend)
+        ours = load_features(out).with_format("numpy")[0]
+        difference = max(
+            difference, np.abs(ours["cls"] - reference[0]).max(), np.abs(ours["patch"] - reference[5:]).max()
+        )
     if difference > 1e-4:
         raise SystemExit(f"extract and pipeline differ by {difference:.2e}: benchmark invalid")
     pixels = [processor(Image.open(p).convert("RGB"), return_tensors="pt")["pixel_values"] for p in paths]
@@ -86,27 +97,38 @@ def measure(size: int, paths: list[Path], work: Path, args: argparse.Namespace) 
             for batch in batches:
                 model(batch)
 
+    runtime = ONNXRuntimeModel(export_onnx(model, work / f"model-{size}.onnx", dynamic=True, overwrite=True).path)
+
+    def run_forward_onnxruntime():
+        for batch in batches:
+            runtime(batch)
+
     def run_preprocess():
         for p in paths:
             processor(Image.open(p).convert("RGB"), return_tensors="pt")
 
-    jobs = {"extract": run_extract, "pipeline": run_pipeline}
-    jobs.update({"forward only": run_forward, "preprocess only": run_preprocess})
+    jobs = {"extract": run_extract, "extract onnxruntime": lambda: run_extract("onnxruntime"), "pipeline": run_pipeline}
+    jobs.update({"forward only": run_forward, "forward only onnxruntime": run_forward_onnxruntime})
+    jobs["preprocess only"] = run_preprocess
     times = {name: [] for name in jobs}
     for _ in range(args.rounds):
         order = list(jobs)
         random.shuffle(order)
         for name in order:
             start = time.perf_counter()
-            jobs[name]()
-            times[name].append(time.perf_counter() - start)
+            seconds = jobs[name]()
+            times[name].append(seconds if name.startswith("extract") else time.perf_counter() - start)
     q1, ratio, q3 = quartiles([p / e for p, e in zip(times["pipeline"], times["extract"])])
+    ort_q1, ort_ratio, ort_q3 = quartiles([p / e for p, e in zip(times["pipeline"], times["extract onnxruntime"])])
     seconds = {name: statistics.median(values) for name, values in times.items()}
     return {
         "size": size, "batch": args.batch_size, "workers": args.workers, "images": len(paths),
         "max_abs_difference": float(difference), "ratio": ratio, "ratio_q1": q1, "ratio_q3": q3,
+        "ort_ratio": ort_ratio, "ort_q1": ort_q1, "ort_q3": ort_q3,
         "images_per_s": {name: len(paths) / s for name, s in seconds.items()},
         "overlap_bound": (seconds["preprocess only"] + seconds["forward only"]) / seconds["forward only"],
+        "overlap_bound_onnxruntime": (seconds["preprocess only"] + seconds["forward only onnxruntime"])
+        / seconds["forward only onnxruntime"],
     }  # fmt: skip
 
 
@@ -128,14 +150,18 @@ def main() -> None:
 
     print(f"\nViT-S/14 reg4, fp32, CPU ({results['threads']} threads), {args.images} photos, {args.rounds} interleaved "
           "rounds; ratio = median per-round time pipeline / extract [IQR] (> 1: extract faster)\n")  # fmt: skip
-    print("| size | batch | extract img/s | pipeline img/s | pipeline / extract [IQR] | forward only img/s "
-          "| preprocess only img/s | overlap bound |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
+    print("| size | batch | pipeline img/s | extract img/s | pipeline / extract [IQR] | extract onnxruntime img/s "
+          "| pipeline / extract onnxruntime [IQR] | forward only img/s (torch / onnxruntime) | preprocess only img/s "
+          "| overlap bound (torch / onnxruntime) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for run in results["runs"]:
         speed = run["images_per_s"]
-        print(f"| {run['size']} | {run['batch']} | {speed['extract']:.2f} | {speed['pipeline']:.2f} | "
-              f"{run['ratio']:.3f} [{run['ratio_q1']:.3f}, {run['ratio_q3']:.3f}] | {speed['forward only']:.2f} | "
-              f"{speed['preprocess only']:.1f} | {run['overlap_bound']:.3f} |")  # fmt: skip
+        print(f"| {run['size']} | {run['batch']} | {speed['pipeline']:.2f} | {speed['extract']:.2f} | "
+              f"{run['ratio']:.3f} [{run['ratio_q1']:.3f}, {run['ratio_q3']:.3f}] | "
+              f"{speed['extract onnxruntime']:.2f} | "
+              f"{run['ort_ratio']:.3f} [{run['ort_q1']:.3f}, {run['ort_q3']:.3f}] | {speed['forward only']:.2f} / "
+              f"{speed['forward only onnxruntime']:.2f} | {speed['preprocess only']:.1f} | "
+              f"{run['overlap_bound']:.3f} / {run['overlap_bound_onnxruntime']:.3f} |")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

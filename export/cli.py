@@ -1,4 +1,4 @@
-"""`vitreg export onnx MODEL_DIR OUT.onnx`: an ONNX graph of a ViTReg folder, checked against PyTorch."""
+"""`vitreg export onnx MODEL OUT.onnx`: an ONNX graph of a ViTReg model or any source, checked against PyTorch."""
 
 import argparse
 from pathlib import Path
@@ -11,7 +11,12 @@ from .onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, export_onnx
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `vitreg export`."""
     parser.add_argument("format", choices=["onnx"], help="the format to write (onnx)")
-    parser.add_argument("model_dir", metavar="MODEL_DIR", type=Path, help="a ViTReg folder")
+    parser.add_argument(
+        "model",
+        metavar="MODEL",
+        help="a ViTReg folder or Hub repo, or any source vitreg convert reads (a DINOv2 / timm / transformers "
+        "checkpoint or Hub repo, an official name such as dinov2_vits14_reg4), converted in memory",
+    )
     parser.add_argument("output", metavar="OUT.onnx", type=Path, help="the graph to write")
     parser.add_argument(
         *spellings("--dynamic"),
@@ -46,13 +51,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="skip running the graph with onnxruntime against PyTorch (by default every output must match to 1e-4)",
     )
+    parser.add_argument(*spellings("--revision"), help="branch, tag or commit of a Hub repo MODEL (default: main)")
     parser.add_argument(*spellings("--overwrite"), action="store_true", help="replace OUT.onnx if it exists")
 
 
 def run(args: argparse.Namespace) -> int:
     """Export, check and report in one line."""
     exported = export_onnx(
-        args.model_dir,
+        args.model,
         args.output,
         head=args.head,
         dynamic=args.dynamic,
@@ -60,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         opset=args.opset,
         overwrite=args.overwrite,
         verify=not args.no_verify,
+        revision=args.revision,
     )
     print(exported.summary())
     return 0

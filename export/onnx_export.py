@@ -9,7 +9,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from vitreg.conversion.loading import load_backbone
+from vitreg.conversion.sources import resolve_source
 from vitreg.core.errors import UserError
 from vitreg.modeling_vitreg import (
     ViTRegBackbone,
@@ -128,6 +130,33 @@ def load_model(model_dir: str | Path, head: str = "model") -> ViTRegPreTrainedMo
     return model.eval()
 
 
+def open_source(
+    model: str | Path | ViTRegPreTrainedModel, head: str, revision: str | None = None
+) -> tuple[ViTRegConfig, Callable[[], ViTRegPreTrainedModel]]:
+    """The config of what will be exported, and how to load it (deferred, so refusals cost no loading).
+
+    A loaded model; a ViTReg folder or Hub repo, as `head`; or any source `vitreg convert` reads (a DINOv2, timm or
+    transformers checkpoint or Hub repo, an official DINOv2 name), converted in memory to the bare model.
+    """
+    if isinstance(model, ViTRegPreTrainedModel):
+        return model.config, lambda: model
+    path = resolve_source(model, revision=revision, head=False).path
+    if is_vitreg_folder(path):
+        return read_config(path, head), lambda: load_model(path, head)
+    if head != "model":
+        raise UserError(f"--head {head} needs a ViTReg folder; {model} is not one (convert it with vitreg convert)")
+    backbone, _ = load_backbone(path)
+    return backbone.config, lambda: backbone
+
+
+def is_vitreg_folder(path: Path) -> bool:
+    """Whether `path` is a folder whose config.json names a ViTReg model."""
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type") == ViTRegConfig.model_type
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def check_opset(opset: int) -> None:
     """Refuse opsets torch's exporter cannot write, naming the usable range."""
     if opset < MIN_OPSET:
@@ -157,13 +186,18 @@ def dynamic_shapes(patch_size: int) -> dict:
     return {"pixel_values": {0: batch, 2: patch_size * rows, 3: patch_size * cols}}
 
 
-@contextmanager
-def staged_output(output: Path, overwrite: bool) -> Iterator[Path]:
-    """A path in a staging folder beside `output`; its files (graph and weights) replace the outputs on success."""
+def check_output(output: Path, overwrite: bool) -> None:
+    """Refuse a folder in the output's place, or an existing file without `overwrite`."""
     if output.is_dir():
         raise UserError(f"{output} is a folder, not a file")
     if output.exists() and not overwrite:
         raise UserError(f"{output} exists; pass --overwrite to replace it")
+
+
+@contextmanager
+def staged_output(output: Path, overwrite: bool) -> Iterator[Path]:
+    """A path in a staging folder beside `output`; its files (graph and weights) replace the outputs on success."""
+    check_output(output, overwrite)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
@@ -220,8 +254,13 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     overwrite: bool = False,
     verify: bool = True,
+    revision: str | None = None,
 ) -> OnnxExport:
-    """Export a ViTReg folder (as `head`) or model to `output`, checked with `onnx.checker` and against PyTorch.
+    """Export a model to `output`, checked with `onnx.checker` and against PyTorch.
+
+    `model`: a loaded ViTReg model, a ViTReg folder or Hub repo (exported as `head`: "model", "classification" or
+    "backbone"), or any source `vitreg convert` reads — a DINOv2 / timm / transformers checkpoint or Hub repo (at
+    `revision`), an official DINOv2 name — converted in memory and exported as the bare model.
 
     `dynamic` leaves batch, height and width free (any multiple of the patch size, at least 2 patches a side);
     otherwise the graph takes `image_size` (default: the config's) and any batch. With `verify`, ONNX Runtime runs
@@ -231,15 +270,15 @@ def export_onnx(
     import onnx
 
     check_opset(opset)
-    config = model.config if isinstance(model, ViTRegPreTrainedModel) else read_config(model, head)
+    output = Path(output)
+    check_output(output, overwrite)
+    config, load = open_source(model, head, revision)
     image_size = tuple(image_size or (config.image_size, config.image_size))
     check_image_size(config, image_size, dynamic)
-    output = Path(output)
     start = time.perf_counter()
     with staged_output(output, overwrite) as staged:
-        # Every check that needs no weights comes first: a refused export costs no loading.
-        model = model if isinstance(model, ViTRegPreTrainedModel) else load_model(model, head)
-        model = model.eval()
+        # Every check that needs no weights came first: a refused export costs no loading.
+        model = load().eval()
         wrapper = ExportedViTReg(model).eval()
         example = torch.zeros(2, config.num_channels, *image_size)
         head_name = next(name for name, cls in HEADS.items() if type(model) is cls)

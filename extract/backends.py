@@ -4,13 +4,20 @@ A backend is `make(model, layers, dtype, device) -> run`, where `run(pixel_value
 Which token is what (CLS, registers, patches) is decided once, in `features.py`, for every backend.
 """
 
+import importlib
+import logging
+import shutil
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
 from vitreg.core.errors import UserError
 from vitreg.modeling_vitreg import ViTRegModel
+
+logger = logging.getLogger(__name__)
 
 
 class Tokens(NamedTuple):
@@ -42,5 +49,32 @@ def torch_backend(model: ViTRegModel, layers: list[int] | None, dtype: torch.dty
     return run
 
 
-# `--backend NAME`: an ONNX Runtime backend is one more function of the same signature.
-BACKENDS: dict[str, Callable[..., Backend]] = {"torch": torch_backend}
+def onnxruntime_backend(model: ViTRegModel, layers: list[int] | None, dtype: torch.dtype, device: str) -> Backend:
+    """The model exported to a dynamic ONNX graph (checked against PyTorch to 1e-4) and run by ONNX Runtime (CPU)."""
+    try:
+        for module in ("onnx", "onnxscript", "onnxruntime"):  # the exporter and the runtime
+            importlib.import_module(module)
+    except ModuleNotFoundError as error:
+        raise UserError(f"--backend onnxruntime needs {error.name!r}: pip install 'vitreg[onnx]'") from None
+    from vitreg.export import ONNXRuntimeModel, export_onnx
+
+    if layers is not None or dtype != torch.float32 or device != "cpu":
+        raise UserError("--backend onnxruntime runs the final tokens in float32 on the CPU: drop --layers, --dtype, "
+                        "--device or use --backend torch")  # fmt: skip
+    folder = Path(tempfile.mkdtemp(prefix="vitreg-extract-onnx-"))
+    try:
+        exported = export_onnx(model, folder / "model.onnx", dynamic=True)
+        logger.info(exported.summary())
+        runtime = ONNXRuntimeModel(exported.path)  # the session holds the graph in memory
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+    def run(pixel_values: torch.Tensor) -> Tokens:
+        outputs = runtime(pixel_values)
+        return Tokens([torch.from_numpy(outputs["last_hidden_state"])], torch.from_numpy(outputs["pooler_output"]))
+
+    return run
+
+
+# `--backend NAME`: one function of the same signature each.
+BACKENDS: dict[str, Callable[..., Backend]] = {"torch": torch_backend, "onnxruntime": onnxruntime_backend}

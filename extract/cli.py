@@ -73,7 +73,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         *spellings("--strict"), action="store_true", help="stop at an unreadable image instead of skipping it"
     )
     parser.add_argument(*spellings("--device"), default="cpu", help="torch device, e.g. cuda (default: cpu)")
-    parser.add_argument(*spellings("--backend"), choices=sorted(BACKENDS), default="torch", help="what runs the model")
+    parser.add_argument(
+        *spellings("--backend"),
+        choices=sorted(BACKENDS),
+        default="torch",
+        help="what runs the model: torch (eager) or onnxruntime (the model exported to a dynamic ONNX graph, "
+        "checked against PyTorch to 1e-4; final tokens, float32, CPU)",
+    )
     parser.add_argument(*spellings("--overwrite"), action="store_true", help="replace a non-empty output folder")
     parser.add_argument(*spellings("--no-progress"), action="store_true", help="no progress bar")
 

@@ -125,14 +125,15 @@ def test_runtime_refuses_sizes_the_patch_does_not_divide(exported):
 def bad_inputs(tmp_path):
     """(arguments after `vitreg export onnx`, expected message) for each kind of bad input."""
     folder = saved(ViTRegModel(small_config()), tmp_path / "model")
-    foreign = tmp_path / "dinov2"
+    foreign = tmp_path / "bert"
     foreign.mkdir()
-    (foreign / "config.json").write_text('{"model_type": "dinov2", "hidden_size": 32}')
+    (foreign / "config.json").write_text('{"model_type": "bert", "hidden_size": 32}')
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     return [
-        ([str(foreign), "out.onnx"], "is not a ViTReg folder"),
-        ([str(tmp_path / "missing"), "out.onnx"], "is not a model folder (no config.json)"),
+        ([str(foreign), "out.onnx"], "holds a 'bert' model, not a ViTReg model or one vitreg converts"),
+        ([str(tmp_path / "missing"), "out.onnx"], "missing does not exist"),
+        ([str(foreign), "out.onnx", "--head", "backbone"], "--head backbone needs a ViTReg folder"),
         ([str(folder), "out.onnx", "--opset", "11"], "opset 11 is too old"),
         ([str(folder), "out.onnx", "--image-size", "224", "230"], "224x230 is not a multiple of the patch size 14"),
         ([str(folder), "out.onnx", "--head"], "has no classification head"),
@@ -159,3 +160,22 @@ def test_a_graph_that_disagrees_is_not_written(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="disagrees with PyTorch"):
         export_onnx(model, tmp_path / "model.onnx", dynamic=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_any_source_is_converted_in_memory(tmp_path):
+    """A transformers Dinov2WithRegisters folder: converted on the fly, exported, equal to transformers' tokens."""
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    config = Dinov2WithRegistersConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, patch_size=14,
+        image_size=224, num_register_tokens=4,
+    )  # fmt: skip
+    reference = randomize_(Dinov2WithRegistersModel(config))
+    reference.save_pretrained(tmp_path / "hf")
+    report = export_onnx(tmp_path / "hf", tmp_path / "hf.onnx", dynamic=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "hf.onnx"]  # no converted folder written
+    pixel_values = torch.randn(1, 3, 182, 294)
+    with torch.inference_mode():
+        expected = reference(pixel_values=pixel_values).last_hidden_state.numpy()
+    got = ONNXRuntimeModel(report.path)(pixel_values)["last_hidden_state"]
+    np.testing.assert_allclose(got, expected, atol=TOLERANCE, rtol=0)

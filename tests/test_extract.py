@@ -50,6 +50,19 @@ def test_features_match_the_pipeline(folders, tmp_path):
     assert datasets.load_from_disk(str(out)).num_rows == 5  # a plain datasets folder
 
 
+def test_the_onnxruntime_backend_gives_the_same_features(folders, tmp_path):
+    what = "cls,patch,registers,pooled"
+    options = dict(what=what, batch_size=2, workers=0, progress=False)
+    extract_features(folders / "model", folders / "photos", tmp_path / "torch", **options)
+    extract_features(folders / "model", folders / "photos", tmp_path / "ort", backend="onnxruntime", **options)
+    eager, exported = load_features(tmp_path / "torch"), load_features(tmp_path / "ort")
+    assert exported["id"] == eager["id"]
+    for column in what.split(","):
+        assert np.abs(array(exported, column) - array(eager, column)).max() <= 1e-4, column
+    with pytest.raises(UserError, match="drop --layers"):
+        extract_features(folders / "model", folders / "photos", tmp_path / "x", backend="onnxruntime", layers=[0])
+
+
 def test_a_datasets_imagefolder_and_unreadable_images(folders, tmp_path):
     photos = tmp_path / "photos"
     sample_photos(photos, PHOTOS[:3], max_side=160)

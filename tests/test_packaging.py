@@ -22,8 +22,8 @@ ALLOWED = {
     "conversion": {"core", "modeling_vitreg", "model_cards", "conversion"},
     "training": {"core", "modeling_vitreg", "model_cards", "training"},
     "analysis": {"core", "modeling_vitreg", "conversion", "analysis"},  # any source, converted in memory
-    "extract": {"core", "modeling_vitreg", "conversion", "extract"},
-    "export": {"core", "modeling_vitreg", "export"},
+    "extract": {"core", "modeling_vitreg", "conversion", "export", "extract"},
+    "export": {"core", "modeling_vitreg", "conversion", "export"},  # any source, converted in memory
 }
 
 

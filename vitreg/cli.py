@@ -37,7 +37,7 @@ SUBCOMMANDS = {
         "vitreg.model_cards.publish", "publish", "validate a ViTReg folder and publish it to the Hugging Face Hub"
     ),
     "export": Subcommand(
-        "vitreg.export.cli", "onnx", "export a ViTReg folder to ONNX, exact at any image size (vitreg export onnx)"
+        "vitreg.export.cli", "onnx", "export a model to ONNX, exact at any image size (vitreg export onnx MODEL OUT)"
     ),
     "analyze": Subcommand(
         "vitreg.analysis.cli", "analysis", "measure high-norm artifact tokens and attention maps of a model"
