@@ -53,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(*spellings("--revision"), help="branch, tag or commit of a Hub repo MODEL (default: main)")
     parser.add_argument(*spellings("--overwrite"), action="store_true", help="replace OUT.onnx if it exists")
+    parser.add_argument(*spellings("--no-progress"), action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         verify=not args.no_verify,
         revision=args.revision,
+        progress=not args.no_progress,
     )
     print(exported.summary())
     return 0

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from vitreg.conversion.loading import load_backbone
 from vitreg.conversion.sources import resolve_source
@@ -72,6 +73,7 @@ class ExportedViTReg(nn.Module):
     def __init__(self, model: ViTRegPreTrainedModel):
         super().__init__()
         self.model = model
+        self.head = next(name for name, cls in HEADS.items() if type(model) is cls)
         self.output_names = output_names(model)
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -244,6 +246,34 @@ def compare_with_pytorch(
     return diffs
 
 
+def write_graph(wrapper: ExportedViTReg, path: Path, image_size: tuple[int, int], dynamic: bool, opset: int) -> None:
+    """Trace `wrapper` with torch.export, translate it to ONNX at `opset` and save it (weights beside it if large)."""
+    config = wrapper.model.config
+    example = torch.zeros(2, config.num_channels, *image_size)
+    with torch.inference_mode(False), torch.no_grad():
+        program = torch.onnx.export(
+            wrapper,
+            (example,),
+            dynamo=True,
+            opset_version=opset,
+            input_names=["pixel_values"],
+            output_names=wrapper.output_names,
+            dynamic_shapes=dynamic_shapes(config.patch_size) if dynamic else {"pixel_values": {0: "batch"}},
+            verbose=False,
+        )
+    program.model.metadata_props.update(
+        {
+            "vitreg.head": wrapper.head,
+            "vitreg.patch_size": str(config.patch_size),
+            "vitreg.num_prefix_tokens": str(config.num_prefix_tokens),
+            "vitreg.dynamic": str(dynamic).lower(),
+            "vitreg.image_size": "{}x{}".format(*image_size),
+        }
+    )
+    weights = sum(p.numel() * p.element_size() for p in wrapper.model.parameters())
+    program.save(str(path), external_data=weights >= EXTERNAL_DATA_BYTES)
+
+
 def export_onnx(
     model: str | Path | ViTRegPreTrainedModel,
     output: str | Path,
@@ -255,6 +285,7 @@ def export_onnx(
     overwrite: bool = False,
     verify: bool = True,
     revision: str | None = None,
+    progress: bool = True,
 ) -> OnnxExport:
     """Export a model to `output`, checked with `onnx.checker` and against PyTorch.
 
@@ -276,43 +307,24 @@ def export_onnx(
     image_size = tuple(image_size or (config.image_size, config.image_size))
     check_image_size(config, image_size, dynamic)
     start = time.perf_counter()
-    with staged_output(output, overwrite) as staged:
-        # Every check that needs no weights came first: a refused export costs no loading.
-        model = load().eval()
-        wrapper = ExportedViTReg(model).eval()
-        example = torch.zeros(2, config.num_channels, *image_size)
-        head_name = next(name for name, cls in HEADS.items() if type(model) is cls)
-        with torch.inference_mode(False), torch.no_grad():
-            program = torch.onnx.export(
-                wrapper,
-                (example,),
-                dynamo=True,
-                opset_version=opset,
-                input_names=["pixel_values"],
-                output_names=wrapper.output_names,
-                dynamic_shapes=dynamic_shapes(config.patch_size) if dynamic else {"pixel_values": {0: "batch"}},
-                verbose=False,
-            )
-        program.model.metadata_props.update(
-            {
-                "vitreg.head": head_name,
-                "vitreg.patch_size": str(config.patch_size),
-                "vitreg.num_prefix_tokens": str(config.num_prefix_tokens),
-                "vitreg.dynamic": str(dynamic).lower(),
-                "vitreg.image_size": "{}x{}".format(*image_size),
-            }
-        )
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        program.save(str(staged), external_data=weights >= EXTERNAL_DATA_BYTES)
+    # Every check that needs no weights came first: a refused export costs no loading.
+    bar = {"total": 3 + verify, "desc": "export onnx", "unit": "step", "disable": not progress}
+    with staged_output(output, overwrite) as staged, tqdm(**bar) as steps:
+        wrapper = ExportedViTReg(load().eval()).eval()
+        steps.update()
+        write_graph(wrapper, staged, image_size, dynamic, opset)
+        steps.update()
         onnx.checker.check_model(str(staged), full_check=True)
+        steps.update()
         diffs = compare_with_pytorch(staged, wrapper, verification_sizes(config, image_size, dynamic)) if verify else {}
+        steps.update(verify)
         worst = max(diffs.values(), default=0.0)
         if not worst <= TOLERANCE:  # also catches NaN
             raise UserError(f"onnxruntime disagrees with PyTorch by {worst:.2e} (> {TOLERANCE:g}); nothing written")
         size = sum(path.stat().st_size for path in staged.parent.iterdir())
     return OnnxExport(
         path=output,
-        head=head_name,
+        head=wrapper.head,
         opset=opset,
         dynamic=dynamic,
         image_size=image_size,

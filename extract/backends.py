@@ -63,7 +63,7 @@ def onnxruntime_backend(model: ViTRegModel, layers: list[int] | None, dtype: tor
                         "--device or use --backend torch")  # fmt: skip
     folder = Path(tempfile.mkdtemp(prefix="vitreg-extract-onnx-"))
     try:
-        exported = export_onnx(model, folder / "model.onnx", dynamic=True)
+        exported = export_onnx(model, folder / "model.onnx", dynamic=True, progress=False)
         logger.info(exported.summary())
         runtime = ONNXRuntimeModel(exported.path)  # the session holds the graph in memory
     finally:
