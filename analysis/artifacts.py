@@ -77,6 +77,7 @@ class ModelAnalysis:
     threshold_rule: str  # "auto" or "fixed"
     images: list[ImageAnalysis]
     layer_thresholds: list[float]  # [L + 1] automatic threshold of the un-normed norms of each layer
+    num_test_time_registers: int = 0  # untrained registers after the trained ones (counted in the register norms)
 
     def layer_outlier_fractions(self) -> list[float]:
         """Share of patch tokens above their layer's automatic threshold, pooled over images, per layer."""
@@ -191,4 +192,5 @@ def analyze(
         threshold_rule="auto" if threshold is None else "fixed",
         images=results,
         layer_thresholds=layer_thresholds,
+        num_test_time_registers=getattr(model.config, "num_test_time_registers", 0),
     )

@@ -21,7 +21,8 @@ def _save(fig: Figure, folder: Path, name: str) -> str:
 
 
 def _label(analysis: ModelAnalysis) -> str:
-    return f"{Path(analysis.model).name or analysis.model} ({analysis.num_register_tokens} reg)"
+    test_time = f" + {analysis.num_test_time_registers} test-time" if analysis.num_test_time_registers else ""
+    return f"{Path(analysis.model).name or analysis.model} ({analysis.num_register_tokens} reg{test_time})"
 
 
 def image_figure(folder: Path, name: str, per_model: Sequence[ImageAnalysis], models: Sequence[ModelAnalysis]) -> str:
@@ -46,7 +47,7 @@ def image_figure(folder: Path, name: str, per_model: Sequence[ImageAnalysis], mo
             shown = row[2].imshow(image.cls_attention.mean(axis=0), cmap="inferno")
             fig.colorbar(shown, ax=row[2], fraction=0.046)
             title = f"CLS attention (last layer, mean of heads)\n{image.attention_on_outliers.mean():.1%} on outliers"
-            if model.num_register_tokens:
+            if image.attention_on_registers is not None:  # trained or test-time registers
                 title += f", {image.attention_on_registers.mean():.1%} on registers"
             row[2].set_title(title, fontsize=9)
         for ax in row:

@@ -115,6 +115,7 @@ def model_record(analysis: ModelAnalysis) -> dict:
     return {
         "model": analysis.model,
         "num_register_tokens": analysis.num_register_tokens,
+        "num_test_time_registers": analysis.num_test_time_registers,
         "patch_size": analysis.patch_size,
         "images": [image_record(a, analysis.layer_thresholds) for a in analysis.images],
         "summary": summary(analysis),
@@ -123,6 +124,7 @@ def model_record(analysis: ModelAnalysis) -> dict:
 
 SUMMARY_ROWS = (
     ("registers", "num_register_tokens"),
+    ("test-time registers", "num_test_time_registers"),
     ("threshold", "threshold"),
     ("outlier fraction", "outlier_fraction"),
     ("images with outliers", "images_with_outliers"),

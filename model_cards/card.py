@@ -8,7 +8,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from safetensors import safe_open
 
 from vitreg import __version__  # the package root holds only the version
-from vitreg.core.provenance import PROVENANCE_FILE, Parity, Provenance
+from vitreg.core.provenance import PROVENANCE_FILE, NeuronShift, Parity, Provenance
 
 from . import registry
 
@@ -49,6 +49,16 @@ OBJECTIVES = {
     "dinov2": "DINOv2 self-supervised recipe (DINO and iBOT losses, KoLeo, EMA teacher, multi-crop)",
     "supervised": "supervised image-classification recipe",
 }
+
+
+TEST_TIME_REGISTERS_BIBTEX = """@inproceedings{jiang2025testtime,
+  title     = {Vision Transformers Don't Need Trained Registers},
+  author    = {Jiang, Nick and Dravid, Amil and Efros, Alexei A. and Gandelsman, Yossi},
+  booktitle = {Advances in Neural Information Processing Systems (NeurIPS)},
+  year      = {2025},
+  eprint    = {2506.08010},
+  archivePrefix = {arXiv}
+}"""
 
 
 def read_json(path: Path) -> dict:
@@ -150,6 +160,8 @@ def summary(config: dict, provenance: Provenance) -> str:
             f"A Vision Transformer with {registers} register tokens, patch size {config.get('patch_size')} and width "
             f"{config.get('hidden_size')}, {_kind_sentence(provenance)}"
         )
+    if config.get("num_test_time_registers") and not backbone:
+        text += f" It carries {config['num_test_time_registers']} test-time register(s), added without training."
     if provenance.description:
         text += f"\n\n{provenance.description}"
     return text
@@ -179,6 +191,17 @@ def details(config: dict, preprocessor: dict, num_parameters: int | None) -> lis
         ),
         ("Parameters", f"{num_parameters / 1e6:.2f}M" if num_parameters else "unknown"),
         ("Register tokens", str(config.get("num_register_tokens", 0))),
+    ]
+    if config.get("num_test_time_registers"):
+        neurons = config.get("register_neurons") or []
+        rows.append(
+            (
+                "Test-time registers",
+                f"{config['num_test_time_registers']}, untrained, after the registers; {len(neurons)} register "
+                f"neurons in blocks {', '.join(map(str, sorted({layer for layer, _ in neurons})))} shifted into them",
+            )
+        )
+    rows += [
         ("Patch size", f"{config.get('patch_size')} px"),
         ("Position embeddings", f"{config.get('image_size')} px ({grid}x{grid} patches), interpolated {interpolation}"),
         ("Pooling", "CLS token" if config.get("pooling", "cls") == "cls" else "mean of the patch tokens"),
@@ -231,10 +254,31 @@ def provenance_lines(provenance: Provenance) -> list[str]:
         lines.append("Final loss not recorded." if final_loss is None else f"Final training loss: {final_loss:.4f}.")
     else:
         lines.append("Randomly initialised weights: a test or demo artifact that has learned nothing.")
+    if provenance.test_time_registers:
+        lines.append(_test_time_line(provenance.test_time_registers))
     if provenance.base_model and not backbone:
         lines.append(f"Base model: `{provenance.base_model}`.")
     lines.append(f"Folder and card written by vitreg {__version__}; the same facts are in `{PROVENANCE_FILE}`.")
     return lines
+
+
+def _test_time_line(shift: NeuronShift) -> str:
+    images = shift.images
+    shown = ", ".join(f"`{Path(name).name}`" for name in images[:5])
+    shown += f" and {len(images) - 5} more" if len(images) > 5 else ""
+    per_layer: dict[int, list[int]] = {}
+    for layer, neuron in shift.neurons:
+        per_layer.setdefault(layer, []).append(neuron)
+    neurons = "; ".join(f"block {layer}: {', '.join(map(str, sorted(n)))}" for layer, n in sorted(per_layer.items()))
+    found = f" in `{shift.source_model}`" if shift.source_model else ""
+    where = f" on {len(images)} image(s) ({shown})" if images else ""
+    outliers = f", {shift.images_with_outliers} of them with outliers" if shift.images_with_outliers is not None else ""
+    return (
+        f"Test-time registers added without training by `vitreg registers apply` (Jiang et al. 2025): "
+        f"{len(shift.neurons)} register neurons ({neurons}), found{found}{where}{outliers} by `vitreg registers find`"
+        f"{f' (`{shift.neurons_file}`)' if shift.neurons_file else ''}, move their activations from the patch "
+        f"tokens to {shift.num_registers} extra token(s)."
+    )
 
 
 def _parity_line(parity: Parity | None) -> str:
@@ -282,8 +326,13 @@ def limitations(config: dict, provenance: Provenance) -> list[str]:
         )
     if provenance.kind == "converted" and not provenance.parity:
         lines.append("No numerical parity with the source implementation was measured for this conversion.")
-    if not config.get("num_register_tokens"):
+    if not config.get("num_register_tokens") and not config.get("num_test_time_registers"):
         lines.append("Without registers, expect high-norm artifact tokens in background patches of large models.")
+    if config.get("num_test_time_registers"):
+        lines.append(
+            "Test-time registers remove the outliers their register neurons cause; how well depends on the images the "
+            "neurons were found on. `vitreg analyze MODEL IMAGES --compare THIS_FOLDER` shows before and after."
+        )
     lines.append(
         f"Position embeddings were trained at {config.get('image_size')} px; other sizes interpolate them, "
         "which works well for moderate changes but is not what the model was trained on."
@@ -316,6 +365,23 @@ def license_notes(provenance: Provenance) -> list[str]:
     return lines
 
 
+def test_time_paragraph(config: dict) -> str:
+    """What the test-time registers of the model do ("" without them)."""
+    count = config.get("num_test_time_registers", 0)
+    if not count:
+        return ""
+    trained = config.get("num_register_tokens", 0)
+    return (
+        f"This model also appends **{count} test-time register{'s' if count > 1 else ''}** "
+        f'("Vision Transformers Don\'t Need Trained Registers", Jiang et al., NeurIPS 2025): untrained, all-zero '
+        "tokens without position embedding. In every forward pass, a few MLP units (the *register neurons*, listed in "
+        "`config.register_neurons`) that write the high-norm outlier tokens have their activation moved from the "
+        "patch tokens to the test-time register, so the outliers form there instead of on background patches. "
+        + ("They come after the trained registers" if trained else "They come back in `register_tokens`")
+        + "; no pooling, head or patch map reads them."
+    )
+
+
 def build_card(folder: str | Path, provenance: Provenance, repo_id: str | None = None) -> ModelCard:
     """The card of the ViTReg folder `folder` (which holds config.json), given how it was produced."""
     folder = Path(folder)
@@ -324,16 +390,20 @@ def build_card(folder: str | Path, provenance: Provenance, repo_id: str | None =
         raise ValueError(f"{folder} has no config.json: save the model before writing its card")
     is_classifier = _is_classifier(config)
     registers = config.get("num_register_tokens", 0)
+    test_time = config.get("num_test_time_registers", 0)
     pooler = "the CLS token" if config.get("pooling", "cls") == "cls" else "the mean of the patch tokens"
     has_cls = config.get("use_cls_token", True)
-    token_order = "[" + ", ".join(["CLS"] * has_cls + ["registers"] * bool(registers) + ["patches"]) + "]"
+    prefix = ["CLS"] * has_cls + ["registers"] * bool(registers) + ["test-time registers"] * bool(test_time)
+    token_order = "[" + ", ".join(prefix + ["patches"]) + "]"
     return ModelCard.from_template(
         card_data(config, provenance, repo_id),
         template_path=str(TEMPLATE_PATH),
         title=title(provenance, repo_id),
         summary=summary(config, provenance),
         num_register_tokens=registers,
-        num_prefix_tokens=int(has_cls) + registers,
+        num_register_outputs=registers + test_time,
+        test_time_registers=test_time_paragraph(config),
+        num_prefix_tokens=int(has_cls) + registers + test_time,
         token_order=token_order,
         token_norm="un-normed (only the pooled mean is normed)" if config.get("use_fc_norm") else "normed",
         hidden_size=config.get("hidden_size"),
@@ -350,7 +420,9 @@ def build_card(folder: str | Path, provenance: Provenance, repo_id: str | None =
         results=results(provenance),
         limitations=limitations(config, provenance),
         license_notes=license_notes(provenance),
-        citations=[REGISTERS_BIBTEX] + ([DINOV2_BIBTEX] if uses_dinov2(provenance) else []),
+        citations=[REGISTERS_BIBTEX]
+        + ([TEST_TIME_REGISTERS_BIBTEX] if test_time else [])
+        + ([DINOV2_BIBTEX] if uses_dinov2(provenance) else []),
     )
 
 

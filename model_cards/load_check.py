@@ -48,8 +48,9 @@ def check_folder(folder: Path) -> dict:
         outputs = model.eval()(**inputs)
         tokens = model.vitreg(**inputs) if is_classifier else outputs
     registers = tuple(tokens.register_tokens.shape)  # [1, R, D]
-    if registers[1] != config.num_register_tokens:
-        raise ValueError(f"{registers[1]} register tokens out, config says {config.num_register_tokens}")
+    expected = config.num_register_tokens + getattr(config, "num_test_time_registers", 0)  # trained + test-time
+    if registers[1] != expected:
+        raise ValueError(f"{registers[1]} register tokens out, config says {expected}")
     main_output = outputs.logits if is_classifier else outputs.pooler_output
     if not torch.isfinite(main_output).all() or not torch.isfinite(tokens.patch_tokens).all():
         raise ValueError("the forward pass produced non-finite values")

@@ -30,6 +30,10 @@ class ViTRegConfig(BackboneConfigMixin, PreTrainedConfig):
         drop_path_uniform: use the same stochastic-depth rate in every block, as DINOv2 does.
         use_swiglu_ffn: SwiGLU MLP (DINOv2 ViT-g) instead of Linear-GELU-Linear.
         num_register_tokens: learnable register tokens R; 0 is a plain DINOv2 ViT.
+        num_test_time_registers: untrained, all-zero tokens T appended after the registers at inference ("Vision
+            Transformers Don't Need Trained Registers", Jiang et al. 2025); 0 (the default) adds none.
+        register_neurons: `[layer, neuron]` pairs (0-based block, MLP hidden unit) whose activations move from the
+            patch tokens to the test-time registers in every forward pass (`vitreg registers find` finds them).
         initializer_range: std of the truncated normal used for weights and embeddings.
         interpolate_antialias: antialiased bicubic position interpolation (DINOv2 register models).
         interpolate_offset: when non-zero, interpolate by scale factor `(grid + offset) / old_grid` as DINOv2
@@ -69,6 +73,8 @@ class ViTRegConfig(BackboneConfigMixin, PreTrainedConfig):
     drop_path_uniform: bool = False
     use_swiglu_ffn: bool = False
     num_register_tokens: int = 4
+    num_test_time_registers: int = 0
+    register_neurons: list[list[int]] | None = None
     initializer_range: float = 0.02
     interpolate_antialias: bool = True
     interpolate_offset: float | int = 0.0
@@ -106,6 +112,7 @@ class ViTRegConfig(BackboneConfigMixin, PreTrainedConfig):
             raise ValueError(f"image_size ({self.image_size}) is not a multiple of patch_size ({self.patch_size})")
         if self.num_register_tokens < 0:
             raise ValueError(f"num_register_tokens must be >= 0, got {self.num_register_tokens}")
+        self.validate_test_time_registers()
         if self.pooling not in POOLING_TYPES:
             raise ValueError(f"pooling must be one of {POOLING_TYPES}, got {self.pooling!r}")
         if self.pooling == "cls" and not self.use_cls_token:
@@ -127,10 +134,30 @@ class ViTRegConfig(BackboneConfigMixin, PreTrainedConfig):
         if self.use_fc_norm and self.pooling != "mean":
             raise ValueError("use_fc_norm normalises the pooled mean: it needs pooling='mean'")
 
+    def validate_test_time_registers(self) -> None:
+        """Refuse test-time registers without register neurons (or the reverse) and neurons the model does not have."""
+        if self.num_test_time_registers < 0:
+            raise ValueError(f"num_test_time_registers must be >= 0, got {self.num_test_time_registers}")
+        if bool(self.num_test_time_registers) != bool(self.register_neurons):
+            raise ValueError("num_test_time_registers and register_neurons go together: set both or neither")
+        for pair in self.register_neurons or []:
+            if len(pair) != 2:
+                raise ValueError(f"register_neurons holds [layer, neuron] pairs, got {pair}")
+            layer, neuron = pair
+            if not (0 <= layer < self.num_hidden_layers and 0 <= neuron < self.mlp_hidden_size):
+                raise ValueError(
+                    f"register neuron {pair} is outside the model's {self.num_hidden_layers} blocks x "
+                    f"{self.mlp_hidden_size} MLP units"
+                )
+
+    def neurons_of_layer(self, layer: int) -> list[int]:
+        """The sorted register neurons of block `layer` (0-based); empty without test-time registers."""
+        return sorted({neuron for block, neuron in self.register_neurons or [] if block == layer})
+
     @property
     def num_prefix_tokens(self) -> int:
-        """Tokens before the patches: the CLS token (if any) and the registers."""
-        return int(self.use_cls_token) + self.num_register_tokens
+        """Tokens before the patches: the CLS token (if any), the registers and the test-time registers."""
+        return int(self.use_cls_token) + self.num_register_tokens + self.num_test_time_registers
 
     @property
     def mlp_hidden_size(self) -> int:

@@ -1,7 +1,8 @@
 """ViTReg: a DINOv2-style Vision Transformer with register tokens ("Vision Transformers Need Registers").
 
 Token order everywhere is `[CLS, registers, patches]`; `config.num_prefix_tokens` (CLS + registers) is the one
-notion of "what comes before the patches" used by pooling, patch maps, masks and intermediate layers.
+notion of "what comes before the patches" used by pooling, patch maps, masks and intermediate layers. Test-time
+registers ("Vision Transformers Don't Need Trained Registers") are registers too: they follow the trained ones.
 This file imports nothing from the rest of the project, so `save_pretrained` can ship it as remote code.
 """
 
@@ -32,7 +33,7 @@ class ViTRegModelOutput(ModelOutput):
     Args:
         last_hidden_state: `[B, P + HW, D]` every token after the final norm (P = `config.num_prefix_tokens`).
         pooler_output: `[B, D]` the CLS token (or the mean patch token when `config.pooling == "mean"`).
-        register_tokens: `[B, R, D]` the normed register tokens, which models use as scratch space.
+        register_tokens: `[B, R + T, D]` the normed register tokens (trained, then test-time), the scratch space.
         patch_tokens: `[B, HW, D]` the normed patch tokens in row-major order of the `h x w` grid.
         hidden_states: `num_hidden_layers + 1` tensors `[B, P + HW, D]`: the embeddings, then every block's output.
         attentions: `num_hidden_layers` tensors `[B, heads, P + HW, P + HW]`.
@@ -207,6 +208,10 @@ class ViTRegEmbeddings(nn.Module):
         if self.register_tokens is not None:
             # Registers carry no position: they are global scratch space.
             prefix.append(self.register_tokens.to(embeddings.dtype).expand(batch_size, -1, -1))
+        if self.config.num_test_time_registers:
+            # Test-time registers start as zeros without position, as upstream's DINOv2 `prepare_tokens_with_masks`;
+            # it appends them after the patches, which attention, blind to order without positions, cannot tell apart.
+            prefix.append(embeddings.new_zeros(batch_size, self.config.num_test_time_registers, embeddings.shape[-1]))
         if prefix:
             embeddings = torch.cat((*prefix, embeddings), dim=1)
         return embeddings  # [B, P + HW, D]
@@ -264,30 +269,81 @@ class ViTRegAttention(nn.Module):
         return self.proj(attn_output), attn_weights
 
 
-class ViTRegMLP(nn.Module):
-    """Linear -> activation -> Linear."""
+def sign_max(values: torch.Tensor) -> torch.Tensor:
+    """`[B, ...]` -> `[B]`: each sample's entry of largest magnitude, sign kept (upstream `sign_max`)."""
+    flat = values.flatten(1)
+    largest, smallest = flat.amax(dim=1), flat.amin(dim=1)
+    return torch.where(largest.abs() > smallest.abs(), largest, smallest)
 
-    def __init__(self, config: ViTRegConfig):
+
+class ViTRegRegisterNeuronShift(nn.Module):
+    """Moves the register neurons' activations of one MLP from the patch tokens to the test-time registers.
+
+    Follows upstream's `activate_on_registers` (nickjiang2378/test-time-registers, shared/hook_fn.py) with its
+    defaults `scale=1, normal_values="zero"`: every listed neuron of the test-time registers takes the value of
+    largest magnitude (sign kept) among all tokens and all listed neurons of this layer, and the patch tokens'
+    activations of those neurons become 0; CLS and trained registers keep theirs. Upstream edits sample 0 of the
+    batch in place; here every sample gets its own maximum, without in-place writes (autograd and compile).
+    """
+
+    def __init__(self, config: ViTRegConfig, neurons: Sequence[int]):
+        super().__init__()
+        self.neurons = tuple(neurons)
+        self.first_register = int(config.use_cls_token) + config.num_register_tokens  # first test-time register
+        self.num_prefix_tokens = config.num_prefix_tokens
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        index = torch.tensor(self.neurons, device=hidden_states.device)
+        selected = hidden_states.index_select(-1, index)  # [B, N, k]
+        peak = sign_max(selected)  # [B]
+        position = torch.arange(hidden_states.shape[1], device=hidden_states.device)[None, :, None]  # [1, N, 1]
+        shifted = torch.where(position >= self.num_prefix_tokens, torch.zeros_like(selected), selected)
+        is_register = (position >= self.first_register) & (position < self.num_prefix_tokens)
+        shifted = torch.where(is_register, peak[:, None, None].to(selected.dtype).expand_as(selected), shifted)
+        return hidden_states.index_copy(-1, index, shifted)  # [B, N, M]
+
+    def extra_repr(self) -> str:
+        return f"neurons={list(self.neurons)}"
+
+
+def register_neuron_shift(config: ViTRegConfig, layer_index: int) -> ViTRegRegisterNeuronShift | None:
+    """The shift of block `layer_index`'s register neurons, or None when the block has none."""
+    neurons = config.neurons_of_layer(layer_index)
+    return ViTRegRegisterNeuronShift(config, neurons) if neurons else None
+
+
+class ViTRegMLP(nn.Module):
+    """Linear -> activation -> Linear (with test-time registers, the register neurons shifted in between)."""
+
+    def __init__(self, config: ViTRegConfig, layer_index: int = 0):
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, config.mlp_hidden_size, bias=config.ffn_bias)
         self.activation = ACT2FN[config.hidden_act]
+        self.register_shift = register_neuron_shift(config, layer_index)
         self.fc2 = nn.Linear(config.mlp_hidden_size, config.hidden_size, bias=config.ffn_bias)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.activation(self.fc1(hidden_states)))
+        hidden_states = self.activation(self.fc1(hidden_states))  # [B, N, M]
+        if self.register_shift is not None:
+            hidden_states = self.register_shift(hidden_states)
+        return self.fc2(hidden_states)
 
 
 class ViTRegSwiGLUFFN(nn.Module):
     """SwiGLU with one packed input projection: `w_out(silu(a) * b)` where `a, b = w_in(x).chunk(2)`."""
 
-    def __init__(self, config: ViTRegConfig):
+    def __init__(self, config: ViTRegConfig, layer_index: int = 0):
         super().__init__()
         self.weights_in = nn.Linear(config.hidden_size, 2 * config.mlp_hidden_size, bias=config.ffn_bias)
+        self.register_shift = register_neuron_shift(config, layer_index)
         self.weights_out = nn.Linear(config.mlp_hidden_size, config.hidden_size, bias=config.ffn_bias)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         gate, value = self.weights_in(hidden_states).chunk(2, dim=-1)
-        return self.weights_out(F.silu(gate) * value)
+        hidden_states = F.silu(gate) * value  # [B, N, M]: upstream's `hidden_identity`, where its hook sits
+        if self.register_shift is not None:
+            hidden_states = self.register_shift(hidden_states)
+        return self.weights_out(hidden_states)
 
 
 class ViTRegLayerScale(nn.Module):
@@ -323,14 +379,14 @@ class ViTRegDropPath(nn.Module):
 class ViTRegLayer(GradientCheckpointingLayer):
     """Pre-norm transformer block: `x + ls1 * attn(norm1(x))`, then `x + ls2 * mlp(norm2(x))`."""
 
-    def __init__(self, config: ViTRegConfig, drop_path_rate: float = 0.0):
+    def __init__(self, config: ViTRegConfig, drop_path_rate: float = 0.0, layer_index: int = 0):
         super().__init__()
         with_scale = config.layerscale_value is not None
         self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.attention = ViTRegAttention(config)
         self.layer_scale1 = ViTRegLayerScale(config) if with_scale else nn.Identity()
         self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = ViTRegSwiGLUFFN(config) if config.use_swiglu_ffn else ViTRegMLP(config)
+        self.mlp = (ViTRegSwiGLUFFN if config.use_swiglu_ffn else ViTRegMLP)(config, layer_index)
         self.layer_scale2 = ViTRegLayerScale(config) if with_scale else nn.Identity()
         self.drop_path = ViTRegDropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
 
@@ -359,7 +415,7 @@ class ViTRegEncoder(nn.Module):
             rates = [config.drop_path_rate] * depth
         else:
             rates = [config.drop_path_rate * i / (depth - 1) for i in range(depth)]
-        self.layer = nn.ModuleList([ViTRegLayer(config, rate) for rate in rates])
+        self.layer = nn.ModuleList([ViTRegLayer(config, rate, index) for index, rate in enumerate(rates)])
 
     def forward(
         self, hidden_states: torch.Tensor, keep: Sequence[int] = (), **kwargs
@@ -431,10 +487,9 @@ class ViTRegPreTrainedModel(PreTrainedModel):
 
 
 def split_tokens(config: ViTRegConfig, tokens: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """`[B, P + HW, D]` -> CLS `[B, D]` (or None), registers `[B, R, D]`, patches `[B, HW, D]`."""
+    """`[B, P + HW, D]` -> CLS `[B, D]` (or None), registers `[B, R + T, D]` (test-time ones last), patches."""
     cls_token = tokens[:, 0] if config.use_cls_token else None
-    start = int(config.use_cls_token)
-    registers = tokens[:, start : start + config.num_register_tokens]
+    registers = tokens[:, int(config.use_cls_token) : config.num_prefix_tokens]
     return cls_token, registers, tokens[:, config.num_prefix_tokens :]
 
 

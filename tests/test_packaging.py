@@ -24,6 +24,7 @@ ALLOWED = {
     "analysis": {"core", "modeling_vitreg", "conversion", "analysis"},  # any source, converted in memory
     "extract": {"core", "modeling_vitreg", "conversion", "export", "extract"},
     "export": {"core", "modeling_vitreg", "conversion", "export"},  # any source, converted in memory
+    "registers": {"core", "modeling_vitreg", "model_cards", "analysis", "registers"},
 }
 
 

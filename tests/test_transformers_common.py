@@ -21,35 +21,31 @@ from transformers_suite.vision_encoder import (
 
 from vitreg.modeling_vitreg import ViTRegBackbone, ViTRegConfig, ViTRegForImageClassification, ViTRegModel
 
-VITREG = VisionEncoderFamily(
-    model_type=ViTRegConfig.model_type,
-    config_class=ViTRegConfig,
-    model_class=ViTRegModel,
-    classification_class=ViTRegForImageClassification,
-    backbone_class=ViTRegBackbone,
-    # ViTReg refuses a width the heads do not divide (37 is not a multiple of the default 12 heads).
-    config_tester_kwargs={"hidden_size": 37, "num_attention_heads": 1},
-)
 
+def vitreg_family(**config_kwargs) -> VisionEncoderFamily:
+    """The ViTReg classes with a config whose fields are `config_kwargs` on top of the suite's small defaults."""
+    return VisionEncoderFamily(
+        model_type=ViTRegConfig.model_type,
+        config_class=ViTRegConfig,
+        model_class=ViTRegModel,
+        classification_class=ViTRegForImageClassification,
+        backbone_class=ViTRegBackbone,
+        config_kwargs=config_kwargs,
+        # ViTReg refuses a width the heads do not divide (37 is not a multiple of the default 12 heads).
+        config_tester_kwargs={"hidden_size": 37, "num_attention_heads": 1},
+    )
+
+
+VITREG = vitreg_family()
 # timm's register ViTs without CLS token (`vit_*_reg4_gap_256`), with DINOv2 ViT-g's SwiGLU, no LayerScale and no
 # qkv bias: every switch off its DINOv2 default, through the same suite.
-VITREG_GAP = VisionEncoderFamily(
-    model_type=ViTRegConfig.model_type,
-    config_class=ViTRegConfig,
-    model_class=ViTRegModel,
-    classification_class=ViTRegForImageClassification,
-    backbone_class=ViTRegBackbone,
-    config_kwargs={
-        "use_cls_token": False,
-        "pooling": "mean",
-        "use_fc_norm": True,
-        "use_swiglu_ffn": True,
-        "layerscale_value": None,
-        "qkv_bias": False,
-        "use_mask_token": False,
-    },
-    config_tester_kwargs={"hidden_size": 37, "num_attention_heads": 1},
-)
+VITREG_GAP = vitreg_family(
+    use_cls_token=False, pooling="mean", use_fc_norm=True, use_swiglu_ffn=True, layerscale_value=None,
+    qkv_bias=False, use_mask_token=False,
+)  # fmt: skip
+# Test-time registers ("Vision Transformers Don't Need Trained Registers"): one untrained token after the 2 trained
+# registers, with register neurons shifted into it in both blocks, through the same suite.
+VITREG_TEST_TIME = vitreg_family(num_test_time_registers=1, register_neurons=[[0, 3], [1, 0], [1, 36]])
 
 
 class MaskedTraining:
@@ -138,6 +134,12 @@ class ViTRegModelTest(MaskedTraining, VisionEncoderModelTests, ModelTesterMixin,
 class ViTRegGapModelTest(MaskedTraining, VisionEncoderModelTests, ModelTesterMixin, unittest.TestCase):
     family = VITREG_GAP
     all_model_classes = VITREG_GAP.all_model_classes
+    test_can_init_all_missing_weights_before_2023 = True
+
+
+class ViTRegTestTimeRegistersModelTest(MaskedTraining, VisionEncoderModelTests, ModelTesterMixin, unittest.TestCase):
+    family = VITREG_TEST_TIME
+    all_model_classes = VITREG_TEST_TIME.all_model_classes
     test_can_init_all_missing_weights_before_2023 = True
 
 

@@ -45,6 +45,9 @@ SUBCOMMANDS = {
     "extract": Subcommand(
         "vitreg.extract.cli", "extract", "features of a folder of images or a dataset, as a resumable Arrow dataset"
     ),
+    "registers": Subcommand(
+        "vitreg.registers.cli", "analysis", "test-time registers for a model trained without: find / apply neurons"
+    ),
 }
 
 

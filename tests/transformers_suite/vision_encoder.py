@@ -111,8 +111,10 @@ class VisionEncoderModelTester:
         self.initializer_range = initializer_range
         self.num_register_tokens = num_register_tokens
         num_patches = (image_size // patch_size) ** 2
-        # [CLS, registers, patches]; ViTReg describing timm's "gap" models has no CLS token.
+        # [CLS, registers, patches]; ViTReg describing timm's "gap" models has no CLS token; test-time registers
+        # (ViTReg's `num_test_time_registers`) follow the trained ones.
         num_prefix_tokens = int(family.config_kwargs.get("use_cls_token", True)) + num_register_tokens
+        num_prefix_tokens += family.config_kwargs.get("num_test_time_registers", 0)
         self.seq_length = num_prefix_tokens + num_patches
         self.mask_length = num_patches  # bool_masked_pos covers the patches only
         self.num_masks = int(mask_ratio * self.seq_length)

@@ -26,6 +26,20 @@ class Parity:
 
 
 @dataclass
+class NeuronShift:
+    """Test-time registers added without training: the register neurons moved into them and where they were found."""
+
+    num_registers: int
+    neurons: list[list[int]]  # [layer, neuron] pairs (0-based block, MLP unit)
+    neurons_file: str | None = None
+    source_model: str | None = None  # the model the neurons were found on
+    images: list[str] = field(default_factory=list)  # the images they were found on
+    images_with_outliers: int | None = None
+    detect_layer: int | None = None  # hidden state whose high-norm tokens were the outliers
+    threshold: float | None = None
+
+
+@dataclass
 class Provenance:
     """Where the weights come from (`kind`), with the facts of a conversion or of a training run."""
 
@@ -52,12 +66,16 @@ class Provenance:
     steps: int | None = None
     final_loss: float | None = None
     num_processes: int | None = None
+    # any kind: register neurons shifted to test-time registers (`vitreg registers apply`)
+    test_time_registers: NeuronShift | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"provenance kind must be one of {KINDS}, got {self.kind!r}")
         if isinstance(self.parity, dict):
             self.parity = Parity(**{**self.parity, "image_size": tuple(self.parity["image_size"])})
+        if isinstance(self.test_time_registers, dict):
+            self.test_time_registers = NeuronShift(**self.test_time_registers)
 
     def to_dict(self) -> dict:
         """The set fields as plain JSON values (None and empty lists left out)."""
