@@ -2,7 +2,8 @@
 
 Peers: transformers' `Dinov2WithRegistersModel` and timm's `vit_small_patch14_reg4_dinov2` (ViT-S/14, 4 registers),
 all holding the same weights (checked: every token agrees), fp32 on the CPU. A fused-qkv vs three-projection
-variant of ViTReg answers "one qkv matmul or three?" by measurement. Achieved GFLOP/s is set against a large
+variant of ViTReg answers "one qkv matmul or three?" by measurement, and a variant with DINOv2's `F.interpolate`
+position interpolation what the traceable resampling matrices cost. Achieved GFLOP/s is set against a large
 matmul timed in the same run. Results are ratios: each round times every model once (in a new random order), the
 per-round ratio peer / vitreg is taken, and the table gives its median and interquartile range over the rounds.
 A ratio whose IQR contains 1 is a tie, and is called one.
@@ -20,6 +21,7 @@ import time
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
@@ -123,6 +125,25 @@ def split_qkv(model: ViTRegModel) -> ViTRegModel:
     return split.eval()
 
 
+def interpolate_with_f_interpolate(model: ViTRegModel) -> ViTRegModel:
+    """A copy of `model` whose position interpolation is DINOv2's own `F.interpolate` call (with its skip at the
+    native grid) instead of the resampling matrices: what the matrices cost, measured."""
+    variant = copy.deepcopy(model)
+    embeddings = variant.embeddings
+
+    def interpolate_pos_encoding(height: int, width: int) -> torch.Tensor:
+        grid, rows, cols = embeddings.grid, height // 14, width // 14
+        pos = embeddings.position_embeddings
+        if rows * cols == grid * grid and height == width:
+            return pos
+        patch_pos = pos[:, 1:].float().reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
+        patch_pos = F.interpolate(patch_pos, size=(rows, cols), mode="bicubic", align_corners=False, antialias=True)
+        return torch.cat((pos[:, :1], patch_pos.permute(0, 2, 3, 1).reshape(1, rows * cols, -1)), dim=1)
+
+    embeddings.interpolate_pos_encoding = interpolate_pos_encoding
+    return variant.eval()
+
+
 def time_call(fn, repeats: int) -> float:
     """Seconds per call, the best of a short burst (after one warm-up call)."""
     fn()
@@ -188,12 +209,14 @@ def main() -> None:
     peers = {
         "vitreg": vitreg,
         "vitreg (3 qkv matmuls)": split_qkv(vitreg),
+        "vitreg (F.interpolate positions)": interpolate_with_f_interpolate(vitreg),
         "transformers Dinov2WithRegisters": to_transformers(vitreg),
         "timm vit_small_patch14_reg4_dinov2": to_timm(vitreg),
     }
     outputs = {
         "vitreg": lambda m, x: m(x).last_hidden_state,
         "vitreg (3 qkv matmuls)": lambda m, x: m(x).last_hidden_state,
+        "vitreg (F.interpolate positions)": lambda m, x: m(x).last_hidden_state,
         "transformers Dinov2WithRegisters": lambda m, x: m(pixel_values=x).last_hidden_state,
         "timm vit_small_patch14_reg4_dinov2": lambda m, x: m.forward_features(x),
     }
