@@ -19,7 +19,12 @@ SIZES = [(224, 224), (518, 518), (224, 308), (98, 154), (392, 182)]
 VARIANTS = {
     "registers": dict(num_register_tokens=4, interpolate_antialias=True, interpolate_offset=0.0),
     "no registers": dict(num_register_tokens=0, interpolate_antialias=False, interpolate_offset=0.1),
-}
+    # a no-register model with a test-time register: the neuron shift is in the graph too
+    "test-time register": dict(
+        num_register_tokens=0, interpolate_antialias=False, interpolate_offset=0.1,
+        num_test_time_registers=1, register_neurons=[[0, 3], [0, 17]],
+    ),
+}  # fmt: skip
 
 
 def small_config(**overrides):
