@@ -4,7 +4,6 @@ The position interpolation is ordinary tensor arithmetic on the grid size (`bicu
 dynamic graph computes DINOv2's antialiased or 0.1-offset bicubic interpolation exactly at every size.
 """
 
-import json
 import os
 import shutil
 import tempfile
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from vitreg.conversion.loading import load_backbone
+from vitreg.conversion.loading import folder_config, load_backbone
 from vitreg.conversion.sources import resolve_source
 from vitreg.core.errors import UserError
 from vitreg.modeling_vitreg import (
@@ -99,17 +98,8 @@ def read_config(model_dir: str | Path, head: str = "model") -> ViTRegConfig:
     model_dir = Path(model_dir)
     if head not in HEADS:
         raise UserError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
-    if not (model_dir / "config.json").is_file():
-        raise UserError(f"{model_dir} is not a model folder (no config.json)")
-    try:
-        model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
-    except (ValueError, OSError) as error:
-        raise UserError(f"{model_dir}/config.json is not readable JSON ({type(error).__name__})") from None
-    if model_type != ViTRegConfig.model_type:
-        raise UserError(
-            f"{model_dir} is not a ViTReg folder (its config has model_type {model_type!r}); "
-            "convert it first with vitreg convert"
-        )
+    if not is_vitreg_folder(model_dir):
+        raise UserError(f"{model_dir} is not a ViTReg folder; convert it first with vitreg convert")
     try:
         config = ViTRegConfig.from_pretrained(model_dir)
     except (ValueError, OSError) as error:
@@ -152,11 +142,8 @@ def open_source(
 
 
 def is_vitreg_folder(path: Path) -> bool:
-    """Whether `path` is a folder whose config.json names a ViTReg model."""
-    try:
-        return json.loads((path / "config.json").read_text()).get("model_type") == ViTRegConfig.model_type
-    except (OSError, ValueError, AttributeError):
-        return False
+    """Whether `path` is a folder whose config.json names a ViTReg model (unreadable JSON: a UserError)."""
+    return path.is_dir() and (folder_config(path) or {}).get("model_type") == ViTRegConfig.model_type
 
 
 def check_opset(opset: int) -> None:
