@@ -17,16 +17,16 @@ import shutil
 from pathlib import Path
 
 from vitreg.core.errors import UserError
+from vitreg.core.folders import atomic_output_file
 
 JOB_FILE, SUMMARY_FILE, STATE_FILE = "job.json", "extract.json", "state.json"
 SHARDS = "shards"
 
 
 def write_json(path: Path, value: dict) -> None:
-    """Write JSON atomically (a temporary file renamed into place)."""
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(value, indent=1) + "\n")
-    os.replace(partial, path)
+    """Write JSON atomically, replacing an older version (the project's atomic file write)."""
+    with atomic_output_file(path, overwrite=True) as staging:
+        staging.write_text(json.dumps(value, indent=1) + "\n")
 
 
 def refuse_finished(folder: Path, overwrite: bool) -> None:
