@@ -1,9 +1,12 @@
-"""ViTReg configuration: a DINOv2-style Vision Transformer with register tokens."""
+"""ViTReg configuration: a DINOv2-style Vision Transformer with register tokens (and DINOv3's RoPE variant)."""
 
+import torch
 from transformers.backbone_utils import BackboneConfigMixin
 from transformers.configuration_utils import PreTrainedConfig
 
 POOLING_TYPES = ("cls", "mean")
+POSITION_EMBEDDING_TYPES = ("absolute", "rope")
+ROPE_NORMALIZE_COORDS = ("separate", "min", "max")
 CLASSIFIER_POOLING_TYPES = ("cls_mean", "cls")
 
 
@@ -11,7 +14,9 @@ class ViTRegConfig(BackboneConfigMixin, PreTrainedConfig):
     r"""
     Configuration of a [`ViTRegModel`]: a ViT whose token sequence is `[CLS, registers, patches]`.
 
-    The defaults describe DINOv2 ViT-B/14 with 4 registers (`dinov2_vitb14_reg4`).
+    The defaults describe DINOv2 ViT-B/14 with 4 registers (`dinov2_vitb14_reg4`). DINOv3's ViTs are the same model with
+    `position_embedding_type="rope"`, `mask_k_bias=True`, patch 16 and LayerNorm eps 1e-5 (the switches below are off by
+    default, so every DINOv2 folder loads unchanged).
 
     Args:
         hidden_size: width D of every token.
@@ -28,13 +33,28 @@ class ViTRegConfig(BackboneConfigMixin, PreTrainedConfig):
         layerscale_value: initial LayerScale gamma; `None` builds blocks without LayerScale.
         drop_path_rate: stochastic depth rate, spread linearly over depth (`drop_path_uniform` for a constant rate).
         drop_path_uniform: use the same stochastic-depth rate in every block, as DINOv2 does.
-        use_swiglu_ffn: SwiGLU MLP (DINOv2 ViT-g) instead of Linear-GELU-Linear.
+        use_swiglu_ffn: SwiGLU MLP (DINOv2 ViT-g, DINOv3 S+/L+/H+/7B) instead of Linear-GELU-Linear.
+        swiglu_align_to: the SwiGLU width is two thirds of the MLP width rounded up to a multiple of this (8; DINOv3
+            7B: 64), as DINOv2's and DINOv3's `SwiGLUFFN` compute it.
         num_register_tokens: learnable register tokens R; 0 is a plain DINOv2 ViT.
         num_test_time_registers: untrained, all-zero tokens T appended after the registers at inference ("Vision
             Transformers Don't Need Trained Registers", Jiang et al. 2025); 0 (the default) adds none.
         register_neurons: `[layer, neuron]` pairs (0-based block, MLP hidden unit) whose activations move from the
             patch tokens to the test-time registers in every forward pass (`vitreg registers find` finds them).
         initializer_range: std of the truncated normal used for weights and embeddings.
+        position_embedding_type: `"absolute"`: learned position embeddings, interpolated to the image (DINOv2);
+            `"rope"`: 2-D axial rotary embeddings of the patch queries and keys, no learned positions (DINOv3).
+        rope_theta: RoPE base: periods `theta ** (2i / (head_dim / 2))` for `i < head_dim / 4` (DINOv3: 100).
+        rope_min_period / rope_max_period: the other parametrisation, geometric periods from min to max (set both and
+            `rope_theta=None`).
+        rope_normalize_coords: patch-centre coordinates divided by the rows and columns (`"separate"`), or both by
+            the smaller (`"min"`) or larger (`"max"`) side, then mapped to [-1, 1].
+        rope_shift_coords / rope_jitter_coords / rope_rescale_coords: train-time coordinate augmentations (uniform
+            shift, log-uniform per-axis and joint scale), as DINOv3's `RopePositionEmbedding`; inactive in eval.
+        mask_k_bias: ignore the key third of the qkv bias (DINOv3's `LinearKMaskedBias` with its released mask).
+        untie_cls_and_patch_norms: a separate final norm (`cls_norm`) for the CLS and register tokens.
+        untie_global_and_local_cls_norm: keep DINOv3's `local_cls_norm` (used by its trainer on local crops only,
+            never at inference) so a converted checkpoint exports back unchanged.
         interpolate_antialias: antialiased bicubic position interpolation (DINOv2 register models).
         interpolate_offset: when non-zero, interpolate by scale factor `(grid + offset) / old_grid` as DINOv2
             models without registers do (0.1); when 0, interpolate to the target size.
@@ -72,10 +92,22 @@ class ViTRegConfig(BackboneConfigMixin, PreTrainedConfig):
     drop_path_rate: float | int = 0.0
     drop_path_uniform: bool = False
     use_swiglu_ffn: bool = False
+    swiglu_align_to: int = 8
     num_register_tokens: int = 4
     num_test_time_registers: int = 0
     register_neurons: list[list[int]] | None = None
     initializer_range: float = 0.02
+    position_embedding_type: str = "absolute"
+    rope_theta: float | int | None = 100.0
+    rope_min_period: float | int | None = None
+    rope_max_period: float | int | None = None
+    rope_normalize_coords: str = "separate"
+    rope_shift_coords: float | int | None = None
+    rope_jitter_coords: float | int | None = None
+    rope_rescale_coords: float | int | None = None
+    mask_k_bias: bool = False
+    untie_cls_and_patch_norms: bool = False
+    untie_global_and_local_cls_norm: bool = False
     interpolate_antialias: bool = True
     interpolate_offset: float | int = 0.0
     use_mask_token: bool = True
@@ -89,6 +121,11 @@ class ViTRegConfig(BackboneConfigMixin, PreTrainedConfig):
     reshape_hidden_states: bool = True
     _out_features: list[str] | None = None
     _out_indices: list[int] | None = None
+
+    @property
+    def uses_rope(self) -> bool:
+        """Whether positions are rotary (DINOv3) rather than learned and interpolated (DINOv2)."""
+        return self.position_embedding_type == "rope"
 
     def __post_init__(self, **kwargs):
         self.stage_names = ["stem"] + [f"stage{idx}" for idx in range(1, self.num_hidden_layers + 1)]
@@ -113,6 +150,7 @@ class ViTRegConfig(BackboneConfigMixin, PreTrainedConfig):
         if self.num_register_tokens < 0:
             raise ValueError(f"num_register_tokens must be >= 0, got {self.num_register_tokens}")
         self.validate_test_time_registers()
+        self.validate_rope()
         if self.pooling not in POOLING_TYPES:
             raise ValueError(f"pooling must be one of {POOLING_TYPES}, got {self.pooling!r}")
         if self.pooling == "cls" and not self.use_cls_token:
@@ -131,8 +169,39 @@ class ViTRegConfig(BackboneConfigMixin, PreTrainedConfig):
             )
         if self.classifier_pooling == "cls" and (self.use_fc_norm or not self.use_cls_token):
             raise ValueError("classifier_pooling='cls' reads the CLS token: it needs use_cls_token and no fc norm")
+        if self.untie_cls_and_patch_norms and self.use_fc_norm:
+            raise ValueError("untie_cls_and_patch_norms norms every token: it cannot go with use_fc_norm")
         if self.use_fc_norm and self.pooling != "mean":
             raise ValueError("use_fc_norm normalises the pooled mean: it needs pooling='mean'")
+
+    def validate_rope(self) -> None:
+        """Refuse position settings that describe no model (DINOv3's RoPE rules), naming the field."""
+        if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
+            kind = self.position_embedding_type
+            raise ValueError(f"position_embedding_type must be one of {POSITION_EMBEDDING_TYPES}, got {kind!r}")
+        if self.position_embedding_type != "rope":
+            return
+        head_dim = self.hidden_size // self.num_attention_heads
+        if head_dim % 4:
+            raise ValueError(f"RoPE rotates 2 axes in pairs: the head dimension ({head_dim}) must be a multiple of 4")
+        periods = (self.rope_min_period, self.rope_max_period)
+        by_base = self.rope_theta is not None and periods == (None, None)
+        if not by_base and (self.rope_theta is not None or None in periods):
+            raise ValueError("RoPE needs either rope_theta or both rope_min_period and rope_max_period, not both")
+        if self.rope_normalize_coords not in ROPE_NORMALIZE_COORDS:
+            raise ValueError(
+                f"rope_normalize_coords must be one of {ROPE_NORMALIZE_COORDS}, got {self.rope_normalize_coords!r}"
+            )
+
+    def rope_periods(self) -> torch.Tensor:
+        """`[head_dim / 4]` float32 RoPE periods, as DINOv3's `RopePositionEmbedding` computes them."""
+        quarter = self.hidden_size // self.num_attention_heads // 4
+        if self.rope_theta is not None:
+            exponents = 2 * torch.arange(quarter, dtype=torch.float32) / (2 * quarter)
+            return self.rope_theta**exponents
+        ratio = self.rope_max_period / self.rope_min_period
+        periods = ratio ** torch.linspace(0, 1, quarter, dtype=torch.float32)  # [1, max / min]
+        return periods / ratio * self.rope_max_period  # [min, max]
 
     def validate_test_time_registers(self) -> None:
         """Refuse test-time registers without register neurons (or the reverse) and neurons the model does not have."""
@@ -166,8 +235,9 @@ class ViTRegConfig(BackboneConfigMixin, PreTrainedConfig):
             return self.intermediate_size
         hidden = int(self.hidden_size * self.mlp_ratio)
         if self.use_swiglu_ffn:
-            # DINOv2's SwiGLUFFNFused: two thirds of the MLP width, rounded up to a multiple of 8.
-            hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
+            # DINOv2's SwiGLUFFNFused and DINOv3's SwiGLUFFN: two thirds, rounded up to a multiple of the alignment.
+            hidden = int(hidden * 2 / 3)
+            hidden += -hidden % self.swiglu_align_to
         return hidden
 
 

@@ -3,9 +3,12 @@
 Token order everywhere is `[CLS, registers, patches]`; `config.num_prefix_tokens` (CLS + registers) is the one
 notion of "what comes before the patches" used by pooling, patch maps, masks and intermediate layers. Test-time
 registers ("Vision Transformers Don't Need Trained Registers") are registers too: they follow the trained ones.
+DINOv3's ViTs are the same model with rotary positions (`config.position_embedding_type == "rope"`): the patch
+queries and keys are rotated by their 2-D coordinates and there is no learned position embedding.
 This file imports nothing from the rest of the project, so `save_pretrained` can ship it as remote code.
 """
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -125,8 +128,70 @@ def bicubic_resampling_matrix(in_size: int, out_size: int, step: torch.Tensor, a
     return matrix
 
 
+class ViTRegRopePositionEmbedding(nn.Module):
+    """DINOv3's 2-D axial RoPE: `(sin, cos)`, each `[h*w, head_dim]` float32, of the patch-centre coordinates.
+
+    Coordinates are patch centres scaled to [-1, 1] (rows and columns separately by default); a head's first half
+    rotates by the row coordinate, its second half by the column one, at the periods `config.rope_periods()`. The
+    train-time shift / jitter / rescale augmentations apply in training mode only, as in DINOv3's trainer.
+    """
+
+    def __init__(self, config: ViTRegConfig):
+        super().__init__()
+        self.config = config
+
+    def forward(self, rows: int, cols: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        config = self.config
+        options = {"dtype": torch.float32, "device": device}
+        row_scale, col_scale = {
+            "separate": (rows, cols),
+            "min": (torch.sym_min(rows, cols),) * 2,
+            "max": (torch.sym_max(rows, cols),) * 2,
+        }[config.rope_normalize_coords]
+        coords_h = (torch.arange(rows, **options) + 0.5) / row_scale  # [h] patch centres in (0, 1)
+        coords_w = (torch.arange(cols, **options) + 0.5) / col_scale  # [w]
+        coords = torch.stack(torch.meshgrid(coords_h, coords_w, indexing="ij"), dim=-1).flatten(0, 1)  # [hw, 2]
+        coords = 2.0 * coords - 1.0
+        if self.training:
+            coords = self.augment(coords)
+        periods = config.rope_periods().to(device)  # [d / 4]
+        angles = 2 * math.pi * coords[:, :, None] / periods[None, None, :]  # [hw, 2, d / 4]
+        angles = angles.flatten(1, 2).tile(2)  # [hw, d]: (rows, cols) angles, twice
+        return torch.sin(angles), torch.cos(angles)
+
+    def augment(self, coords: torch.Tensor) -> torch.Tensor:
+        """DINOv3's train-time coordinate augmentations: a uniform shift, then log-uniform jitter and rescale."""
+        config = self.config
+        if config.rope_shift_coords is not None:
+            shift = config.rope_shift_coords
+            coords = coords + torch.empty(2, dtype=coords.dtype, device=coords.device).uniform_(-shift, shift)
+        if config.rope_jitter_coords is not None:
+            bound = math.log(config.rope_jitter_coords)
+            coords = coords * torch.empty(2, dtype=coords.dtype, device=coords.device).uniform_(-bound, bound).exp()
+        if config.rope_rescale_coords is not None:
+            bound = math.log(config.rope_rescale_coords)
+            coords = coords * torch.empty(1, dtype=coords.dtype, device=coords.device).uniform_(-bound, bound).exp()
+        return coords
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """`[x1, x2]` -> `[-x2, x1]` along the last dimension (halves, not interleaved pairs, as DINOv3)."""
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rope(tokens: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate the patch positions of `[B, H, N, d]` queries or keys in float32; the prefix tokens stay unrotated."""
+    sin, cos = rope  # [hw, d]
+    prefix = tokens.shape[-2] - sin.shape[-2]  # CLS + registers
+    rotated = tokens.float()
+    patches = rotated[..., prefix:, :]
+    patches = patches * cos + rotate_half(patches) * sin
+    return torch.cat((rotated[..., :prefix, :], patches), dim=-2).to(tokens.dtype)
+
+
 class ViTRegEmbeddings(nn.Module):
-    """CLS token, register tokens, (masked) patch embeddings and their interpolated position embeddings."""
+    """CLS token, register tokens, (masked) patch embeddings and their position embeddings (learned, or RoPE)."""
 
     def __init__(self, config: ViTRegConfig):
         super().__init__()
@@ -140,7 +205,17 @@ class ViTRegEmbeddings(nn.Module):
         )
         self.mask_token = nn.Parameter(torch.zeros(1, dim)) if config.use_mask_token else None
         self.num_cls_positions = int(config.use_cls_token and config.cls_token_position_embedding)
-        self.position_embeddings = nn.Parameter(torch.zeros(1, self.num_cls_positions + self.grid**2, dim))
+        if config.uses_rope:
+            self.position_embeddings, self.rope = None, ViTRegRopePositionEmbedding(config)
+        else:
+            self.position_embeddings = nn.Parameter(torch.zeros(1, self.num_cls_positions + self.grid**2, dim))
+            self.rope = None
+
+    def rotary(self, height: int, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """RoPE `(sin, cos)` of an image of `height x width` pixels, or None for learned absolute positions."""
+        if self.rope is None:
+            return None
+        return self.rope(*grid_size(self.config, height, width), device)
 
     def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
         """Position embeddings `[1, (1) + h*w, D]` for an image of `height x width` pixels, as DINOv2 computes them.
@@ -197,16 +272,17 @@ class ViTRegEmbeddings(nn.Module):
             mask_token = self.mask_token.to(embeddings.dtype).unsqueeze(0)
             embeddings = torch.where(bool_masked_pos.unsqueeze(-1), mask_token, embeddings)
 
-        pos = self.interpolate_pos_encoding(height, width).to(embeddings.dtype)
-        embeddings = embeddings + pos[:, self.num_cls_positions :]
+        if self.position_embeddings is not None:
+            pos = self.interpolate_pos_encoding(height, width).to(embeddings.dtype)
+            embeddings = embeddings + pos[:, self.num_cls_positions :]
         prefix = []
         if self.cls_token is not None:
             cls_token = self.cls_token.to(embeddings.dtype)
-            if self.num_cls_positions:
+            if self.num_cls_positions and self.position_embeddings is not None:
                 cls_token = cls_token + pos[:, :1]
             prefix.append(cls_token.expand(batch_size, -1, -1))
         if self.register_tokens is not None:
-            # Registers carry no position: they are global scratch space.
+            # Registers carry no position (and RoPE leaves them unrotated): they are global scratch space.
             prefix.append(self.register_tokens.to(embeddings.dtype).expand(batch_size, -1, -1))
         if self.config.num_test_time_registers:
             # Test-time registers start as zeros without position, as upstream's DINOv2 `prepare_tokens_with_masks`;
@@ -249,13 +325,27 @@ class ViTRegAttention(nn.Module):
         self.is_causal = False
         self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.proj_bias)
+        self.mask_k_bias = config.mask_k_bias and config.qkv_bias
+
+    def project_qkv(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The fused q | k | v projection; with `mask_k_bias` the key third of the bias is left out (DINOv3)."""
+        if not self.mask_k_bias:
+            return self.qkv(hidden_states)
+        query_bias, _, value_bias = self.qkv.bias.chunk(3)
+        bias = torch.cat((query_bias, torch.zeros_like(query_bias), value_bias))
+        return F.linear(hidden_states, self.qkv.weight, bias)
 
     def forward(
-        self, hidden_states: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
+        self,
+        hidden_states: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, seq_len, dim = hidden_states.shape
-        qkv = self.qkv(hidden_states).view(batch_size, seq_len, 3, self.num_heads, self.head_dim)
+        qkv = self.project_qkv(hidden_states).view(batch_size, seq_len, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, N, d]
+        if rope is not None:
+            query, key = apply_rope(query, rope), apply_rope(key, rope)
 
         implementation = self.config._attn_implementation
         # Attention weights exist only in eager attention: use it for calls that ask for them.
@@ -390,8 +480,13 @@ class ViTRegLayer(GradientCheckpointingLayer):
         self.layer_scale2 = ViTRegLayerScale(config) if with_scale else nn.Identity()
         self.drop_path = ViTRegDropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
 
-    def forward(self, hidden_states: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> torch.Tensor:
-        attn_output, _ = self.attention(self.norm1(hidden_states), **kwargs)
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        attn_output, _ = self.attention(self.norm1(hidden_states), rope=rope, **kwargs)
         hidden_states = self.add_branch(hidden_states, attn_output, self.layer_scale1)
         mlp_output = self.mlp(self.norm2(hidden_states))
         return self.add_branch(hidden_states, mlp_output, self.layer_scale2)
@@ -418,11 +513,15 @@ class ViTRegEncoder(nn.Module):
         self.layer = nn.ModuleList([ViTRegLayer(config, rate, index) for index, rate in enumerate(rates)])
 
     def forward(
-        self, hidden_states: torch.Tensor, keep: Sequence[int] = (), **kwargs
+        self,
+        hidden_states: torch.Tensor,
+        keep: Sequence[int] = (),
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         kept = [hidden_states] if 0 in keep else []
         for index, layer in enumerate(self.layer, start=1):
-            hidden_states = layer(hidden_states, **kwargs)
+            hidden_states = layer(hidden_states, rope=rope, **kwargs)
             if index in keep:
                 kept.append(hidden_states)
         return hidden_states, kept
@@ -475,15 +574,53 @@ class ViTRegPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
             init.zeros_(module.bias)
         elif isinstance(module, ViTRegEmbeddings):
-            init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
+            # DINOv2 starts the tokens near zero; DINOv3 (RoPE) draws them with std 0.02.
+            token_std = std if self.config.uses_rope else 1e-6
+            if module.position_embeddings is not None:
+                init.trunc_normal_(module.position_embeddings, mean=0.0, std=std)
             if module.cls_token is not None:
-                init.normal_(module.cls_token, std=1e-6)
+                init.normal_(module.cls_token, std=token_std)
             if module.register_tokens is not None:
-                init.normal_(module.register_tokens, std=1e-6)
+                init.normal_(module.register_tokens, std=token_std)
             if module.mask_token is not None:
                 init.zeros_(module.mask_token)
         elif isinstance(module, ViTRegLayerScale):
             init.constant_(module.lambda1, self.config.layerscale_value)
+
+    def build_final_norms(self) -> None:
+        """The final LayerNorm, and DINOv3's untied norms of the CLS and register tokens when the config asks."""
+        config = self.config
+
+        def norm() -> nn.LayerNorm:
+            return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+        self.layernorm = norm()
+        self.cls_norm = norm() if config.untie_cls_and_patch_norms else None
+        # Used by DINOv3's trainer on local crops only; kept so a converted checkpoint exports back unchanged.
+        self.local_cls_norm = norm() if config.untie_global_and_local_cls_norm else None
+
+    def normalize(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Final norm of `[B, P + HW, D]` tokens: one LayerNorm, or `cls_norm` on the prefix when untied (DINOv3)."""
+        if self.cls_norm is None:
+            return self.layernorm(tokens)
+        prefix = self.config.num_prefix_tokens
+        return torch.cat((self.cls_norm(tokens[:, :prefix]), self.layernorm(tokens[:, prefix:])), dim=1)
+
+    def normalize_cls(self, cls_token: torch.Tensor) -> torch.Tensor:
+        """Final norm of a `[B, D]` CLS token (the prefix norm when the norms are untied)."""
+        return (self.layernorm if self.cls_norm is None else self.cls_norm)(cls_token)
+
+    def forward_blocks(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.Tensor | None = None,
+        keep: Sequence[int] = (),
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Un-normed output of the last block and of the blocks in `keep` (0 = embeddings)."""
+        embeddings = self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
+        rope = self.embeddings.rotary(pixel_values.shape[-2], pixel_values.shape[-1], embeddings.device)
+        return self.encoder(embeddings, keep=keep, rope=rope, **kwargs)
 
 
 def split_tokens(config: ViTRegConfig, tokens: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
@@ -505,23 +642,12 @@ class ViTRegModel(ViTRegPreTrainedModel):
         super().__init__(config)
         self.embeddings = ViTRegEmbeddings(config)
         self.encoder = ViTRegEncoder(config)
-        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.build_final_norms()
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
         """The patch projection, the layer that embeds the input (hooked by `enable_input_require_grads`)."""
         return self.embeddings.patch_embeddings.projection
-
-    def forward_blocks(
-        self,
-        pixel_values: torch.Tensor,
-        bool_masked_pos: torch.Tensor | None = None,
-        keep: Sequence[int] = (),
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Un-normed output of the last block and of the blocks in `keep` (0 = embeddings)."""
-        embeddings = self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
-        return self.encoder(embeddings, keep=keep, **kwargs)
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """`[B, P + HW, D]` -> `[B, D]`: the CLS token, or the mean of the patch tokens (never the registers)."""
@@ -535,7 +661,7 @@ class ViTRegModel(ViTRegPreTrainedModel):
             sequence_output = hidden_states
             pooled_output = self.layernorm(self.pool(hidden_states))
         else:
-            sequence_output = self.layernorm(hidden_states)  # [B, P + HW, D]
+            sequence_output = self.normalize(hidden_states)  # [B, P + HW, D]
             pooled_output = self.pool(sequence_output)
         _, registers, patches = split_tokens(self.config, sequence_output)
         return ViTRegModelOutput(
@@ -584,7 +710,7 @@ class ViTRegModel(ViTRegPreTrainedModel):
         _, kept = self.forward_blocks(pixel_values, keep=[b + 1 for b in blocks])
         outputs = []
         for hidden_state in kept:
-            tokens = self.layernorm(hidden_state) if norm else hidden_state
+            tokens = self.normalize(hidden_state) if norm else hidden_state
             cls_token, _, patches = split_tokens(self.config, tokens)
             if reshape:
                 patches = to_feature_map(patches, rows, cols)
@@ -630,7 +756,7 @@ class ViTRegForImageClassification(ViTRegPreTrainedModel):
         if config.use_fc_norm:
             features = outputs.pooler_output
         else:
-            parts = [self.vitreg.layernorm(tokens[:, 0]) for tokens in kept]  # CLS of the earlier blocks
+            parts = [self.vitreg.normalize_cls(tokens[:, 0]) for tokens in kept]  # CLS of the earlier blocks
             if config.use_cls_token:
                 parts.append(outputs.last_hidden_state[:, 0])
             if config.classifier_pooling == "cls_mean":
@@ -649,7 +775,7 @@ class ViTRegBackbone(BackboneMixin, ViTRegPreTrainedModel):
         self.num_features = [config.hidden_size] * (config.num_hidden_layers + 1)
         self.embeddings = ViTRegEmbeddings(config)
         self.encoder = ViTRegEncoder(config)
-        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.build_final_norms()
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -670,13 +796,13 @@ class ViTRegBackbone(BackboneMixin, ViTRegPreTrainedModel):
         rows, cols = grid_size(self.config, pixel_values.shape[-2], pixel_values.shape[-1])
         out_indices = [index % len(self.stage_names) for index in self.out_indices]  # out_indices may be negative
         stages = sorted(set(out_indices))
-        _, kept = self.encoder(self.embeddings(pixel_values, bool_masked_pos), keep=stages, **kwargs)
+        _, kept = self.forward_blocks(pixel_values, bool_masked_pos, keep=stages, **kwargs)
         by_stage = dict(zip(stages, kept))
         feature_maps = []
         for stage in out_indices:
             hidden_state = by_stage[stage]
             if self.config.apply_layernorm:
-                hidden_state = self.layernorm(hidden_state)
+                hidden_state = self.normalize(hidden_state)
             if self.config.reshape_hidden_states:
                 _, _, patches = split_tokens(self.config, hidden_state)
                 hidden_state = to_feature_map(patches, rows, cols)
