@@ -7,6 +7,7 @@ from transformers.configuration_utils import PreTrainedConfig
 POOLING_TYPES = ("cls", "mean")
 POSITION_EMBEDDING_TYPES = ("absolute", "rope")
 ROPE_NORMALIZE_COORDS = ("separate", "min", "max")
+ROPE_PERIODS_DTYPES = ("float32", "bfloat16", "float16")
 CLASSIFIER_POOLING_TYPES = ("cls_mean", "cls")
 
 
@@ -49,6 +50,9 @@ class ViTRegConfig(BackboneConfigMixin, PreTrainedConfig):
             `rope_theta=None`).
         rope_normalize_coords: patch-centre coordinates divided by the rows and columns (`"separate"`), or both by
             the smaller (`"min"`) or larger (`"max"`) side, then mapped to [-1, 1].
+        rope_periods_dtype: the precision the periods are stored in: DINOv3's released weights hold them rounded to
+            `"bfloat16"` in a buffer its code then computes with, so exact conversions keep that rounding (transformers
+            and timm recompute them in float32); angles are always computed in float32.
         rope_shift_coords / rope_jitter_coords / rope_rescale_coords: train-time coordinate augmentations (uniform
             shift, log-uniform per-axis and joint scale), as DINOv3's `RopePositionEmbedding`; inactive in eval.
         mask_k_bias: ignore the key third of the qkv bias (DINOv3's `LinearKMaskedBias` with its released mask).
@@ -102,6 +106,7 @@ class ViTRegConfig(BackboneConfigMixin, PreTrainedConfig):
     rope_min_period: float | int | None = None
     rope_max_period: float | int | None = None
     rope_normalize_coords: str = "separate"
+    rope_periods_dtype: str = "float32"
     rope_shift_coords: float | int | None = None
     rope_jitter_coords: float | int | None = None
     rope_rescale_coords: float | int | None = None
@@ -188,6 +193,9 @@ class ViTRegConfig(BackboneConfigMixin, PreTrainedConfig):
         by_base = self.rope_theta is not None and periods == (None, None)
         if not by_base and (self.rope_theta is not None or None in periods):
             raise ValueError("RoPE needs either rope_theta or both rope_min_period and rope_max_period, not both")
+        if self.rope_periods_dtype not in ROPE_PERIODS_DTYPES:
+            dtype = self.rope_periods_dtype
+            raise ValueError(f"rope_periods_dtype must be one of {ROPE_PERIODS_DTYPES}, got {dtype!r}")
         if self.rope_normalize_coords not in ROPE_NORMALIZE_COORDS:
             raise ValueError(
                 f"rope_normalize_coords must be one of {ROPE_NORMALIZE_COORDS}, got {self.rope_normalize_coords!r}"
@@ -198,10 +206,12 @@ class ViTRegConfig(BackboneConfigMixin, PreTrainedConfig):
         quarter = self.hidden_size // self.num_attention_heads // 4
         if self.rope_theta is not None:
             exponents = 2 * torch.arange(quarter, dtype=torch.float32) / (2 * quarter)
-            return self.rope_theta**exponents
-        ratio = self.rope_max_period / self.rope_min_period
-        periods = ratio ** torch.linspace(0, 1, quarter, dtype=torch.float32)  # [1, max / min]
-        return periods / ratio * self.rope_max_period  # [min, max]
+            periods = self.rope_theta**exponents
+        else:
+            ratio = self.rope_max_period / self.rope_min_period
+            periods = ratio ** torch.linspace(0, 1, quarter, dtype=torch.float32)  # [1, max / min]
+            periods = periods / ratio * self.rope_max_period  # [min, max]
+        return periods.to(getattr(torch, self.rope_periods_dtype)).float()
 
     def validate_test_time_registers(self) -> None:
         """Refuse test-time registers without register neurons (or the reverse) and neurons the model does not have."""

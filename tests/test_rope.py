@@ -155,3 +155,12 @@ def test_swiglu_width_as_dinov3_computes_it(dim, ratio, align, width):
 def test_rope_settings_that_describe_no_model_are_refused(fields, message):
     with pytest.raises(ValueError, match=message):
         rope_config(**fields)
+
+
+def test_rope_periods_keep_the_precision_they_were_stored_in():
+    exact = rope_config(hidden_size=384, num_attention_heads=6).rope_periods()
+    rounded = rope_config(hidden_size=384, num_attention_heads=6, rope_periods_dtype="bfloat16").rope_periods()
+    assert rounded.dtype == torch.float32 and torch.equal(rounded, exact.bfloat16().float())
+    assert not torch.equal(rounded, exact)
+    with pytest.raises(ValueError, match="rope_periods_dtype"):
+        rope_config(rope_periods_dtype="int8")
