@@ -596,8 +596,8 @@ class ViTRegPreTrainedModel(PreTrainedModel):
 
         self.layernorm = norm()
         self.cls_norm = norm() if config.untie_cls_and_patch_norms else None
-        # Used by DINOv3's trainer on local crops only; kept so a converted checkpoint exports back unchanged.
-        self.local_cls_norm = norm() if config.untie_global_and_local_cls_norm else None
+        # Used by DINOv3's trainer on local crops only; kept, frozen, so a converted checkpoint exports back unchanged.
+        self.local_cls_norm = norm().requires_grad_(False) if config.untie_global_and_local_cls_norm else None
 
     def normalize(self, tokens: torch.Tensor) -> torch.Tensor:
         """Final norm of `[B, P + HW, D]` tokens: one LayerNorm, or `cls_norm` on the prefix when untied (DINOv3)."""
