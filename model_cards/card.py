@@ -39,9 +39,25 @@ DINOV2_BIBTEX = """@article{oquab2023dinov2,
   archivePrefix = {arXiv}
 }"""
 
+DINOV3_BIBTEX = """@misc{simeoni2025dinov3,
+  title   = {{DINOv3}},
+  author  = {Sim{\\'e}oni, Oriane and Vo, Huy V. and Seitzer, Maximilian and Baldassarre, Federico and Oquab, Maxime
+             and Jose, Cijo and Khalidov, Vasil and Szafraniec, Marc and Yi, Seungeun and Ramamonjisoa, Micha{\\"e}l
+             and Massa, Francisco and Haziza, Daniel and Wehrstedt, Luca and Wang, Jianyuan and Darcet, Timoth{\\'e}e
+             and Moutakanni, Th{\\'e}o and Sentana, Leonel and Roberts, Claire and Vedaldi, Andrea and Tolan, Jamie
+             and Brandt, John and Couprie, Camille and Mairal, Julien and J{\\'e}gou, Herv{\\'e} and Labatut, Patrick
+             and Bojanowski, Piotr},
+  year    = {2025},
+  eprint  = {2508.10104},
+  archivePrefix = {arXiv}
+}"""
+
 SOURCE_FORMATS = {
     "dinov2-hub": "an official DINOv2 `torch.hub` checkpoint",
     "dinov2-train": "a checkpoint of DINOv2's own trainer (teacher backbone)",
+    "dinov3-hub": "an official DINOv3 `torch.hub` checkpoint",
+    "dinov3-transformers": "a transformers DINOv3ViT checkpoint",
+    "dinov3-timm": "a timm DINOv3 (`vit_*_patch16_dinov3*`) checkpoint",
     "timm": "a timm checkpoint",
     "transformers": "a transformers Dinov2 / Dinov2WithRegisters checkpoint",
 }
@@ -79,24 +95,42 @@ def count_parameters(folder: Path) -> int | None:
     return total
 
 
-def official_model(provenance: Provenance) -> tuple[registry.OfficialBackbone | None, str | None]:
-    """The registry row of an official DINOv2 source and its head kind ("linear", "linear4" or None)."""
+Row = registry.OfficialBackbone | registry.Dinov3Backbone
+
+
+def official_model(provenance: Provenance) -> tuple[Row | None, str | None]:
+    """The registry row of an official DINOv2 or DINOv3 source and its head kind ("linear", "linear4" or None)."""
     name = provenance.official_name
     if not name:
         return None, None
-    backbone = registry.official_backbone(name)
+    backbone = registry.official_row(name)
     head_file = provenance.head_file
     return backbone, registry.head_kind_of_file(head_file) if head_file else None
+
+
+def uses_dinov3(provenance: Provenance) -> bool:
+    """Whether the weights are DINOv3's (its licence, tag and citation apply)."""
+    return (
+        provenance.license == registry.DINOV3_LICENSE
+        or (provenance.official_name or "").startswith("dinov3")
+        or (provenance.source_format or "").startswith("dinov3")
+    )
 
 
 def uses_dinov2(provenance: Provenance) -> bool:
     """Whether the weights are DINOv2's or come from the DINOv2 recipe (tag and citation apply)."""
     return bool(
         provenance.dinov2  # set by converters that know the weights are DINOv2's
-        or provenance.official_name
+        or (provenance.official_name or "").startswith("dinov2")
         or (provenance.source_format or "").startswith("dinov2")
         or provenance.objective == "dinov2"
     )
+
+
+def weights_license(provenance: Provenance) -> str:
+    """The licence of the weights: DINOv3's for anything converted from DINOv3 (its terms bind derivatives), else
+    the provenance's."""
+    return registry.DINOV3_LICENSE if uses_dinov3(provenance) else provenance.license
 
 
 def card_data(config: dict, provenance: Provenance, repo_id: str | None = None) -> ModelCardData:
@@ -104,27 +138,39 @@ def card_data(config: dict, provenance: Provenance, repo_id: str | None = None) 
     is_classifier = _is_classifier(config)
     backbone, head = official_model(provenance)
     datasets = provenance.datasets or ([registry.IMAGENET_DATASET] if backbone and head else None)
-    eval_results = None
-    if backbone:
-        eval_results = [
-            EvalResult(
-                task_type="image-classification",
-                task_name="Image Classification",
-                dataset_type=registry.IMAGENET_DATASET,
-                dataset_name="ImageNet-1k",
-                dataset_split="validation",
-                metric_type="accuracy",
-                metric_name="Top-1 accuracy (linear evaluation, published by DINOv2)",
-                metric_value=backbone.imagenet_linear_top1,
-                source_name="DINOv2 model table (not re-measured by ViTReg)",
-                source_url=registry.DINOV2_REPO_URL,
-            )
-        ]
+    source_name, source_url = (
+        ("DINOv3 model card (not re-measured by ViTReg)", f"{registry.DINOV3_REPO_URL}/blob/main/MODEL_CARD.md")
+        if backbone and backbone.family == "dinov3"
+        else ("DINOv2 model table (not re-measured by ViTReg)", registry.DINOV2_REPO_URL)
+    )
+    eval_results = [
+        EvalResult(
+            task_type=result.task_type,
+            task_name=result.task_type.replace("-", " ").capitalize(),
+            dataset_type=result.dataset_type,
+            dataset_name=result.dataset_name,
+            dataset_split="validation",
+            metric_type=result.metric_type,
+            metric_name=f"{result.benchmark} (published by {backbone.family.replace('dinov', 'DINOv')})",
+            metric_value=result.value,
+            source_name=source_name,
+            source_url=source_url,
+        )
+        for result in (backbone.results if backbone else ())
+        if result.task_type  # numbers without a Hub dataset and metric stay in the card's text only
+    ] or None
+    license = weights_license(provenance)
+    license_name, license_link = registry.OTHER_LICENSES.get(license, (None, None))
     return ModelCardData(
-        license=provenance.license,
+        license="other" if license_name else license,
+        license_name=license if license_name else None,
+        license_link=license_link,
         library_name="transformers",
         pipeline_tag="image-classification" if is_classifier else "image-feature-extraction",
-        tags=["vitreg", "vision", "registers"] + (["dinov2"] if uses_dinov2(provenance) else []),
+        tags=["vitreg", "vision", "registers"]
+        + (["dinov2"] if uses_dinov2(provenance) else [])
+        + (["dinov3"] if uses_dinov3(provenance) else [])
+        + (["rope"] if config.get("position_embedding_type") == "rope" else []),
         datasets=datasets,
         base_model=provenance.base_model or (backbone.base_model if backbone else None),
         model_name=title(provenance, repo_id) if eval_results else None,
@@ -201,9 +247,10 @@ def details(config: dict, preprocessor: dict, num_parameters: int | None) -> lis
                 f"neurons in blocks {', '.join(map(str, sorted({layer for layer, _ in neurons})))} shifted into them",
             )
         )
+    positions = f"{config.get('image_size')} px ({grid}x{grid} patches), interpolated {interpolation}"
     rows += [
         ("Patch size", f"{config.get('patch_size')} px"),
-        ("Position embeddings", f"{config.get('image_size')} px ({grid}x{grid} patches), interpolated {interpolation}"),
+        ("Position embeddings", rope_text(config) if uses_rope(config) else positions),
         ("Pooling", "CLS token" if config.get("pooling", "cls") == "cls" else "mean of the patch tokens"),
     ]
     if preprocessor:
@@ -221,6 +268,35 @@ def details(config: dict, preprocessor: dict, num_parameters: int | None) -> lis
     return rows
 
 
+def uses_rope(config: dict) -> bool:
+    """Whether the model has rotary positions (DINOv3) instead of learned, interpolated ones."""
+    return config.get("position_embedding_type") == "rope"
+
+
+def rope_text(config: dict) -> str:
+    """The "Position embeddings" cell of a RoPE model: what rotates, its periods and coordinates, its train-time
+    augmentations."""
+    periods = (
+        f"base {config.get('rope_theta'):g}"
+        if config.get("rope_theta") is not None
+        else f"periods {config.get('rope_min_period'):g} to {config.get('rope_max_period'):g}"
+    )
+    normalize = {"separate": "each side by its own length", "min": "by the shorter side", "max": "by the longer side"}
+    augmentations = [
+        f"{name} {config[f'rope_{name}_coords']:g}"
+        for name in ("shift", "jitter", "rescale")
+        if config.get(f"rope_{name}_coords") is not None
+    ]
+    text = (
+        f"none learned: 2-D axial rotary embeddings (RoPE) of the patch queries and keys, {periods}, patch-centre "
+        f"coordinates normalised {normalize.get(config.get('rope_normalize_coords'), '?')}; any size works, "
+        f"trained at {config.get('image_size')} px"
+    )
+    if augmentations:
+        text += f"; train-time coordinate augmentation ({', '.join(augmentations)}), off at inference"
+    return text
+
+
 def provenance_lines(provenance: Provenance) -> list[str]:
     """Bullet points saying how the folder was produced: source and checksum, converter and parity, or recipe."""
     kind = provenance.kind
@@ -232,7 +308,13 @@ def provenance_lines(provenance: Provenance) -> list[str]:
             f"Converted from `{provenance.source_file or '?'}` ({source}), "
             f"sha256 `{provenance.source_sha256 or 'not recorded'}`."
         )
-        if backbone:
+        if backbone and backbone.family == "dinov3":
+            lines.append(
+                f"The source is the official DINOv3 model `{backbone.hub_name}` with its "
+                f"{registry.DINOV3_WEIGHT_SETS[backbone.weights]} weights, file `{backbone.pretrain_file}` "
+                f"({registry.DINOV3_REPO_URL}); the same weights are on the Hub as `{backbone.base_model}`."
+            )
+        elif backbone:
             lines.append(
                 f"The source is the official DINOv2 model `{backbone.name}` ({registry.DINOV2_REPO_URL}); "
                 f"the same weights are on the Hub as `{backbone.base_model}`."
@@ -301,16 +383,11 @@ def _datasets_text(provenance: Provenance) -> str:
 def results(provenance: Provenance) -> list[dict]:
     """Rows of the "Results" table: published numbers of official models (none otherwise)."""
     backbone, _ = official_model(provenance)
-    if not backbone:
-        return []
     return [
-        {
-            "name": "ImageNet-1k top-1, linear evaluation",
-            "value": f"{backbone.imagenet_linear_top1:.1f} %",
-            "source": f"published in the DINOv2 model table ({registry.DINOV2_REPO_URL}), one number per backbone "
-            "(the table does not say which of the 1-layer and 4-layer heads reaches it); not re-measured by ViTReg",
-        }
-    ]
+        {"name": result.benchmark, "value": f"{result.value:.1f}{f' {result.unit}' if result.unit else ''}",
+         "source": result.source}
+        for result in (backbone.results if backbone else ())
+    ]  # fmt: skip
 
 
 def limitations(config: dict, provenance: Provenance) -> list[str]:
@@ -333,14 +410,28 @@ def limitations(config: dict, provenance: Provenance) -> list[str]:
             "Test-time registers remove the outliers their register neurons cause; how well depends on the images the "
             "neurons were found on. `vitreg analyze MODEL IMAGES --compare THIS_FOLDER` shows before and after."
         )
-    lines.append(
-        f"Position embeddings were trained at {config.get('image_size')} px; other sizes interpolate them, "
-        "which works well for moderate changes but is not what the model was trained on."
-    )
+    if uses_rope(config):
+        lines.append(
+            f"Rotary positions need no interpolation, so every size that is a multiple of {config.get('patch_size')} "
+            f"px runs; features still change with resolution away from the {config.get('image_size')} px the config "
+            "records."
+        )
+    else:
+        lines.append(
+            f"Position embeddings were trained at {config.get('image_size')} px; other sizes interpolate them, "
+            "which works well for moderate changes but is not what the model was trained on."
+        )
     if _is_classifier(config):
         classes = "ImageNet-1k's 1000 classes" if head else f"its {len(config.get('id2label') or {})} training classes"
         lines.append(f"The classifier knows only {classes}.")
-    if backbone:
+    if backbone and backbone.family == "dinov3":
+        lines.append(
+            f"DINOv3 learned from {registry.DINOV3_WEIGHT_SETS[backbone.weights]}; Meta's model card reports a "
+            "performance drop in the low-income bucket of its geographical fairness evaluation and recommends the "
+            "frozen features over fine-tuning, which can increase biases. The published numbers above are Meta's, "
+            "not re-measured here."
+        )
+    elif backbone:
         lines.append(
             "DINOv2 learned from LVD-142M, web images curated by similarity to public datasets; the DINOv2 paper "
             "reports its fairness and bias evaluations. The published numbers above are Meta's, not re-measured here."
@@ -351,7 +442,17 @@ def limitations(config: dict, provenance: Provenance) -> list[str]:
 def license_notes(provenance: Provenance) -> list[str]:
     """Bullet points on the licenses that apply to this folder."""
     backbone, head = official_model(provenance)
-    lines = [f"Card license field: `{provenance.license}`."]
+    license = weights_license(provenance)
+    name, link = registry.OTHER_LICENSES.get(license, (None, None))
+    lines = [f"Card license field: `other` ({name}, {link})." if name else f"Card license field: `{license}`."]
+    if uses_dinov3(provenance):
+        lines.append(
+            f"The weights are DINOv3's, released by Meta under the [{registry.DINOV3_LICENSE_TITLE}]"
+            f"({registry.DINOV3_LICENSE_URL}), not an open-source licence: these converted weights are a derivative "
+            "of the DINO Materials, so using or redistributing them is subject to its terms (redistribute only under "
+            "them and with a copy of the agreement; acknowledge DINOv3 in publications; its trade-control and "
+            "use restrictions apply)."
+        )
     if uses_dinov2(provenance) and provenance.kind == "converted":
         lines.append("DINOv2 code and weights are released by Meta under the Apache License 2.0.")
     if head or (provenance.datasets and registry.IMAGENET_DATASET in provenance.datasets):
@@ -420,9 +521,15 @@ def build_card(folder: str | Path, provenance: Provenance, repo_id: str | None =
         results=results(provenance),
         limitations=limitations(config, provenance),
         license_notes=license_notes(provenance),
+        position_note=(
+            "rotary position embeddings need no interpolation"
+            if uses_rope(config)
+            else "position embeddings are interpolated"
+        ),
         citations=[REGISTERS_BIBTEX]
         + ([TEST_TIME_REGISTERS_BIBTEX] if test_time else [])
-        + ([DINOV2_BIBTEX] if uses_dinov2(provenance) else []),
+        + ([DINOV2_BIBTEX] if uses_dinov2(provenance) else [])
+        + ([DINOV3_BIBTEX] if uses_dinov3(provenance) else []),
     )
 
 

@@ -88,6 +88,8 @@ def check_card(folder: Path, config: dict) -> ModelCard:
     problems = []
     if not data.license:
         problems.append("no license")
+    elif data.license == "other" and not (data.license_name and data.license_link):
+        problems.append("license 'other' without license_name and license_link")
     if data.library_name != "transformers":
         problems.append(f"library_name is {data.library_name!r}, not 'transformers'")
     if data.pipeline_tag != expected_tag:

@@ -46,16 +46,16 @@ class Provenance:
     kind: Kind
     name: str | None = None
     description: str | None = None
-    license: str = "apache-2.0"
+    license: str = "apache-2.0"  # a Hub licence id, or "dinov3-license" (the card says `other` with name and link)
     base_model: str | None = None
     datasets: list[str] = field(default_factory=list)  # Hub dataset ids: the card's `datasets:` metadata
     local_data: str | None = None  # a local folder trained on, by name (named in the card's text only)
     vitreg_version: str | None = None
     # kind == "converted"
     source_file: str | None = None
-    source_format: str | None = None  # dinov2-hub | dinov2-train | timm | transformers
+    source_format: str | None = None  # dinov2-hub | dinov2-train | dinov3-hub | dinov3-transformers | dinov3-timm | ...
     source_sha256: str | None = None
-    official_name: str | None = None  # a registry row, e.g. "dinov2_vitb14_reg4"
+    official_name: str | None = None  # a registry row, e.g. "dinov2_vitb14_reg4", "dinov3_vitb16_lvd1689m"
     head_file: str | None = None
     head_sha256: str | None = None
     dinov2: bool = False  # the weights are DINOv2's (tag and citation apply)
