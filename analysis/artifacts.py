@@ -130,7 +130,8 @@ def analyze_image(
     has_cls = config.use_cls_token
     attention_map = cls_registers = None
     if has_cls:
-        attention = cls_attention(captured["qkv"], config.num_attention_heads)[0].cpu()  # [heads, P + hw]
+        attention = cls_attention(captured["qkv"], config.num_attention_heads, captured["rope"])
+        attention = attention[0].cpu()  # [heads, P + hw]
         _, attention_registers, attention_patches = split_tokens(config, attention)
         attention_map = attention_patches.reshape(-1, rows, cols).numpy()
         cls_registers = attention_registers.numpy()

@@ -6,16 +6,24 @@ from contextlib import contextmanager
 import torch
 from transformers import PreTrainedModel
 
+from vitreg.modeling_vitreg.modeling_vitreg import apply_rope
+
 
 @contextmanager
 def capture_last_qkv(model: PreTrainedModel) -> Iterator[dict[str, torch.Tensor]]:
-    """Inside the block, `captured["qkv"]` holds the last block's fused qkv output `[B, N, 3D]` (rows q | k | v)."""
+    """Inside the block, `captured["qkv"]` holds the last block's fused qkv projection `[B, N, 3D]` (rows q | k | v)
+    as its attention computes it (DINOv3's masked key bias included, positions not yet rotated), and
+    `captured["rope"]` the `(sin, cos)` that attention rotates the patch queries and keys by (None without RoPE)."""
     captured: dict[str, torch.Tensor] = {}
 
-    def hook(module, inputs, output):
-        captured["qkv"] = output.detach()
+    def hook(module, args, kwargs, output):
+        hidden_states = args[0] if args else kwargs["hidden_states"]
+        # Recomputed from the block's input: the projection is one matmul, and with a masked key bias the attention
+        # calls F.linear itself, so a hook on its `qkv` Linear would never fire.
+        captured["qkv"] = module.project_qkv(hidden_states).detach()
+        captured["rope"] = kwargs.get("rope")
 
-    handle = model.encoder.layer[-1].attention.qkv.register_forward_hook(hook)
+    handle = model.encoder.layer[-1].attention.register_forward_hook(hook, with_kwargs=True)
     try:
         yield captured
     finally:
@@ -30,8 +38,13 @@ def split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.
     return query, key, value
 
 
-def cls_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """`[B, heads, N]` attention of the CLS token (token 0) to every token, as the block computes it."""
+def cls_attention(
+    qkv: torch.Tensor, num_heads: int, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """`[B, heads, N]` attention of the CLS token (token 0) to every token, as the block computes it (`rope`: the
+    rotation of a RoPE model's patch queries and keys, `captured["rope"]`)."""
     query, key, _ = split_heads(qkv, num_heads)  # [B, heads, N, d]
+    if rope is not None:
+        query, key = apply_rope(query, rope), apply_rope(key, rope)
     scores = query[:, :, :1] @ key.transpose(-1, -2) * query.shape[-1] ** -0.5  # [B, heads, 1, N]
     return scores.softmax(dim=-1)[:, :, 0]

@@ -129,6 +129,7 @@ def lost_image(
     param = next(model.parameters())
     with capture_last_qkv(model) as captured:
         model(pixels.to(device=param.device, dtype=param.dtype))
+    # A RoPE model's keys are taken before their rotation: LOST compares what patches contain, not where they are.
     _, keys, _ = split_heads(captured["qkv"], config.num_attention_heads)  # [1, heads, P + hw, d]
     _, _, keys = split_tokens(config, keys.transpose(1, 2).flatten(2))  # [1, hw, D], heads concatenated
     grid = (pixels.shape[-2] // config.patch_size, pixels.shape[-1] // config.patch_size)

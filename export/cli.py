@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         *spellings("--dynamic"),
         action="store_true",
         help="any batch, height and width (multiples of the patch size, at least 2 patches a side), with DINOv2's "
-        "exact position interpolation in the graph; otherwise --image-size is fixed and only the batch is free",
+        "exact position interpolation (or DINOv3's RoPE) in the graph; otherwise --image-size is fixed and only the "
+        "batch is free",
     )
     parser.add_argument(
         *spellings("--image-size"),

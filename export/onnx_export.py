@@ -1,7 +1,8 @@
 """Export a ViTReg model to ONNX, at one image size or at any, and check the file against PyTorch with ONNX Runtime.
 
 The position interpolation is ordinary tensor arithmetic on the grid size (`bicubic_resampling_matrix`), so the
-dynamic graph computes DINOv2's antialiased or 0.1-offset bicubic interpolation exactly at every size.
+dynamic graph computes DINOv2's antialiased or 0.1-offset bicubic interpolation exactly at every size; DINOv3's
+rotary positions (RoPE) are sines and cosines of the patch coordinates, arithmetic on the grid size as well.
 """
 
 import os

@@ -44,7 +44,8 @@ def torch_backend(model: ViTRegModel, layers: list[int] | None, dtype: torch.dty
             out = model(pixel_values)
             return Tokens([out.last_hidden_state], out.pooler_output)
         _, kept = model.forward_blocks(pixel_values, keep=[block + 1 for block in layers])  # 0 = the embeddings
-        return Tokens([model.layernorm(hidden) for hidden in kept], None)  # normed as DINOv2's intermediate layers
+        # Normed as DINOv2's and DINOv3's intermediate layers: with untied norms, the prefix by `cls_norm`.
+        return Tokens([model.normalize(hidden) for hidden in kept], None)
 
     return run
 
