@@ -127,6 +127,48 @@ def test_supervised_smoke_run_learns_the_classes(photo_dir, tmp_path):
     assert json.loads((out / "model" / "config.json").read_text())["num_register_tokens"] == 0
 
 
+# A DINOv3-style student: RoPE with its train-time coordinate augmentations, 4 registers, masked key bias, untied
+# CLS/patch norms, SwiGLU (the DINOv3 recipe's Gram anchoring and high-resolution stages are not implemented).
+ROPE_MODEL = (
+    "{position_embedding_type: rope, rope_rescale_coords: 2.0, rope_jitter_coords: 1.2, rope_shift_coords: 0.1, "
+    "mask_k_bias: true, untie_cls_and_patch_norms: true, use_swiglu_ffn: true, layer_norm_eps: 1.0e-5}"
+)
+
+
+@pytest.mark.parametrize("config", ["smoke-dinov2", "smoke-supervised"])
+def test_a_rope_vit_with_registers_trains_and_saves_a_folder_that_reloads(photo_dir, tmp_path, monkeypatch, config):
+    from vitreg.modeling_vitreg.modeling_vitreg import ViTRegRopePositionEmbedding
+
+    augment = ViTRegRopePositionEmbedding.augment
+    augmented_grids = []  # the patch grids whose coordinates were augmented: training-mode forwards only
+
+    def counting(self, coords):
+        augmented_grids.append(len(coords))
+        return augment(self, coords)
+
+    monkeypatch.setattr(ViTRegRopePositionEmbedding, "augment", counting)
+    out = tmp_path / "run"
+    flags = ["--max_steps", "2", "--logging_steps", "1", "--checkpointing_steps", "2", "--num_workers", "0"]
+    assert pretrain.main(command(photo_dir, out, config, *flags, "--model", ROPE_MODEL)) == 0
+    assert [r["step"] for r in metrics(out)] == [1, 2] and all(np.isfinite(r["loss"]) for r in metrics(out))
+    # The student's forwards in training mode rotate augmented coordinates: 4x4 patches of the 32 px global crops,
+    # and with DINOv2 also 2x2 of the 16 px local crops; the EMA teacher runs in eval mode, without augmentation.
+    assert set(augmented_grids) == ({16, 4} if config == "smoke-dinov2" else {16})
+
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(out / "model").eval()
+    assert model.config.uses_rope and model.config.mask_k_bias and model.config.num_register_tokens == 4
+    assert "embeddings.position_embeddings" not in load_file(out / "model" / "model.safetensors")
+    pixels = torch.randn(1, 3, 48, 64)  # any multiple of the patch: no positions to interpolate
+    with torch.no_grad():
+        first, second = model(pixels), model(pixels)
+    assert first.patch_tokens.shape == (1, 6 * 8, 64) and first.register_tokens.shape == (1, 4, 64)
+    assert torch.equal(first.last_hidden_state, second.last_hidden_state)  # eval: no coordinate augmentation
+    card = ModelCard.load(out / "model" / "README.md")
+    assert card.data.license == "apache-2.0" and "rope" in card.data.tags and "dinov3" not in card.data.tags
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(photo_dir, tmp_path, monkeypatch, capsys):
     from vitreg.training import objectives
 
@@ -156,6 +198,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(photo_dir, tmp
     [
         (["--base_lr", "-1"], "base_lr must be positive"),
         (["--local_crop_size", "64"], "bigger than global_crop_size"),
+        (["--model", "{position_embedding_type: sincos}"], "position_embedding_type must be one of"),
+        (["--model", "{position_embedding_type: rope, rope_thea: 10}"], "unknown ViTRegConfig field(s): rope_thea"),
+        (["--model", "{untie_global_and_local_cls_norm: true}"], "for converted DINOv3 checkpoints only"),
         (["--colour", "red"], None),
     ],
 )

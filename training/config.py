@@ -15,6 +15,7 @@ from typing import Literal
 import yaml
 
 from vitreg.core.errors import UserError
+from vitreg.modeling_vitreg import ViTRegConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 POSITIVE_KEYS = (
@@ -43,7 +44,11 @@ class TrainConfig:
     objective: Literal["dinov2", "supervised"] = option(
         "dinov2", "DINOv2 self-supervised (EMA teacher, DINO + iBOT + KoLeo) or DeiT III supervised classification"
     )
-    model: dict = option({}, "ViTRegConfig fields of the student; image_size defaults to global_crop_size")
+    model: dict = option(
+        {},
+        "ViTRegConfig fields of the student; image_size defaults to global_crop_size (a DINOv3-style RoPE ViT: "
+        "position_embedding_type: rope, mask_k_bias, untie_cls_and_patch_norms, rope_rescale_coords, ...)",
+    )
     upstream: str | None = option(
         None, "the upstream recipe this config follows (documentation; tests/test_recipes_upstream.py checks it)"
     )
@@ -324,11 +329,28 @@ def validate(c: TrainConfig) -> None:
         "label_smoothing must be 0 with supervised_loss 'bce': DeiT III's BCE binarises the mixed targets, so "
         "smoothing would make every class a positive (use supervised_loss 'ce' for label smoothing)",
     )
+    validate_model(c)
     need(c.data_dir is None or c.dataset is None, "give data_dir or dataset, not both")
     need(
         c.repeated_augmentations == 1 or c.dataset is None,
         "repeated_augmentations needs data_dir: the sampler repeats dataset indices, and a stream has none",
     )
+
+
+def validate_model(c: TrainConfig) -> None:
+    """Refuse `model` entries that describe no ViTReg (unknown field, RoPE settings, ...) before anything is built."""
+    unknown = sorted(set(c.model) - set(ViTRegConfig().to_dict()) - {"num_labels"})
+    if unknown:  # PreTrainedConfig keeps any keyword as an attribute: a misspelt field would be silently ignored
+        raise UserError(f"config model: unknown ViTRegConfig field(s): {', '.join(unknown)}")
+    try:
+        ViTRegConfig(**model_config_kwargs(c))
+    except (TypeError, ValueError) as error:
+        raise UserError(f"config model: {error}") from None
+    if c.model.get("untie_global_and_local_cls_norm"):
+        # DINOv3's trainer norms the local crops' CLS with it; ViTReg's trainers have no such path, so it would never
+        # train (it exists for converted checkpoints to export back unchanged).
+        raise UserError("config model: untie_global_and_local_cls_norm is for converted DINOv3 checkpoints only; "
+                        "ViTReg's trainers norm every crop with the same norms (use untie_cls_and_patch_norms)")
 
 
 def model_config_kwargs(c: TrainConfig) -> dict:
