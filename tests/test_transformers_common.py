@@ -8,6 +8,7 @@ set-up); this module fails at collection, naming that command, when it is missin
 `python -m pytest tests/transformers_suite/dinov2_with_registers_suite.py`.
 """
 
+import dataclasses
 import unittest
 
 import torch
@@ -46,6 +47,19 @@ VITREG_GAP = vitreg_family(
 # Test-time registers ("Vision Transformers Don't Need Trained Registers"): one untrained token after the 2 trained
 # registers, with register neurons shifted into it in both blocks, through the same suite.
 VITREG_TEST_TIME = vitreg_family(num_test_time_registers=1, register_neurons=[[0, 3], [1, 0], [1, 36]])
+# DINOv3's layout: 2-D axial RoPE instead of learned positions (with its train-time coordinate augmentations),
+# 4 registers, masked key bias, untied CLS/patch norms, SwiGLU, through the same suite. Not the local-crop CLS norm
+# (`untie_global_and_local_cls_norm`): ViTReg keeps it for the round trip and no forward reads it, so the suite's
+# "every parameter gets a gradient" would fail by design. The config tester's width needs a head dimension RoPE can
+# rotate (a multiple of 4).
+VITREG_ROPE = dataclasses.replace(
+    vitreg_family(
+        position_embedding_type="rope", rope_rescale_coords=2.0, rope_shift_coords=0.1, rope_jitter_coords=1.2,
+        num_register_tokens=4, mask_k_bias=True, untie_cls_and_patch_norms=True, use_swiglu_ffn=True,
+        layer_norm_eps=1e-5,
+    ),
+    config_tester_kwargs={"hidden_size": 36, "num_attention_heads": 1},
+)  # fmt: skip
 
 
 class MaskedTraining:
@@ -140,6 +154,12 @@ class ViTRegGapModelTest(MaskedTraining, VisionEncoderModelTests, ModelTesterMix
 class ViTRegTestTimeRegistersModelTest(MaskedTraining, VisionEncoderModelTests, ModelTesterMixin, unittest.TestCase):
     family = VITREG_TEST_TIME
     all_model_classes = VITREG_TEST_TIME.all_model_classes
+    test_can_init_all_missing_weights_before_2023 = True
+
+
+class ViTRegRopeModelTest(MaskedTraining, VisionEncoderModelTests, ModelTesterMixin, unittest.TestCase):
+    family = VITREG_ROPE
+    all_model_classes = VITREG_ROPE.all_model_classes
     test_can_init_all_missing_weights_before_2023 = True
 
 

@@ -109,6 +109,8 @@ class VisionEncoderModelTester:
         self.hidden_act = hidden_act
         self.type_sequence_label_size = type_sequence_label_size
         self.initializer_range = initializer_range
+        # A family may ask for its own register count (DINOv3's 4); the others keep the tester's 2.
+        num_register_tokens = family.config_kwargs.get("num_register_tokens", num_register_tokens)
         self.num_register_tokens = num_register_tokens
         num_patches = (image_size // patch_size) ** 2
         # [CLS, registers, patches]; ViTReg describing timm's "gap" models has no CLS token; test-time registers
@@ -121,7 +123,7 @@ class VisionEncoderModelTester:
 
     def get_config(self):
         """The tiny config of the family."""
-        return self.family.config_class(
+        fields = dict(
             image_size=self.image_size,
             patch_size=self.patch_size,
             num_channels=self.num_channels,
@@ -132,8 +134,8 @@ class VisionEncoderModelTester:
             hidden_act=self.hidden_act,
             initializer_range=self.initializer_range,
             num_register_tokens=self.num_register_tokens,
-            **self.family.config_kwargs,
         )
+        return self.family.config_class(**{**fields, **self.family.config_kwargs})
 
     def prepare_config_and_inputs(self):
         """Config, `[B, C, H, W]` random pixels and `[B]` random labels."""
