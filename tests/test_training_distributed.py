@@ -40,6 +40,15 @@ def fake_batch(config, step: int, patch_size: int) -> dict[str, torch.Tensor]:
     }
 
 
+def comparable(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` without the key third of a qkv bias. Softmax is blind to a key bias, so its gradient is rounding noise
+    of any sign, which AdamW scales up to learning-rate-sized steps: two reduction orders move it apart."""
+    if not name.endswith("attention.qkv.bias"):
+        return tensor
+    query, _, value = tensor.chunk(3)
+    return torch.cat((query, value))
+
+
 def fsdp_training_steps(out_dir: str) -> None:
     """One process of the FSDP test: shard a copy of the student as fsdp.yaml says, train it and an unsharded copy
     on the same batches, and compare the student, the EMA teacher and the losses."""
@@ -82,12 +91,13 @@ def fsdp_training_steps(out_dir: str) -> None:
 
     trained = dict(reference.named_parameters())
     for name, param in student.named_parameters():
-        torch.testing.assert_close(param.full_tensor(), trained[name].detach(), rtol=1e-4, atol=1e-6)
+        theirs, ours = comparable(name, param.full_tensor()), comparable(name, trained[name].detach())
+        torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-6)
     teacher = dict(reference_objective.teacher.named_parameters())
     moved = 0
     for name, param in objective.teacher.named_parameters():
         assert not isinstance(param, DTensor)  # the teacher stays whole on every process
-        torch.testing.assert_close(param, teacher[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(comparable(name, param), comparable(name, teacher[name]), rtol=1e-4, atol=1e-6)
         moved += not torch.equal(param, initial_teacher[name])
     assert moved > len(teacher) // 2  # the EMA really pulled the teacher towards the sharded student
     (Path(out_dir) / f"done_{accelerator.process_index}").write_text(str(moved))
