@@ -15,6 +15,8 @@ from tqdm.auto import tqdm
 from vitreg.core.errors import UserError
 
 from .architectures import OFFICIAL_ARCHITECTURES, OFFICIAL_IMAGE_SIZE, OFFICIAL_PATCH_SIZE
+from .memory import load_read_only
+from .streaming import load_safetensors_read_only
 
 # Containers that wrap a state dict: DINOv2's trainer, Lightning, DDP.
 WRAPPER_KEYS = ("teacher", "model", "student", "state_dict", "module")
@@ -56,6 +58,10 @@ def _looks_like_text(path: Path) -> bool:
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)  # memory-mapped
+    except RuntimeError as error:
+        if "Cannot allocate memory" not in str(error):
+            raise
+        return load_safetensors_read_only(path)  # a private map beyond memory + swap: map it read-only
     except (SafetensorError, OSError, ValueError) as error:
         raise UserError(f"{path.name}: not a readable safetensors file ({str(error).splitlines()[0]})") from None
 
@@ -68,6 +74,8 @@ def _load_pickle(path: Path) -> object:
             try:
                 return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError as error:
+                if "Cannot allocate memory" in str(error):  # a private map beyond memory + swap: map it read-only
+                    return load_read_only(path)
                 if "mmap can only be used" not in str(error):
                     raise
                 return torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format

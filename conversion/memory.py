@@ -1,8 +1,10 @@
-"""Keeping a conversion's peak memory near the checkpoint's size: release memory-mapped pages already consumed."""
+"""Keeping a conversion's peak memory far below the checkpoint's size: map files that exceed memory, release
+memory-mapped pages already consumed."""
 
 import ctypes
 import mmap
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -59,3 +61,36 @@ def cast_releasing(
         else:
             cast[key] = value
     return cast
+
+
+def map_read_only(path: Path) -> torch.Tensor:
+    """The bytes of a file as a uint8 tensor over a private read-only map (not charged against the commit limit)."""
+    with open(path, "rb") as file:
+        mapped = mmap.mmap(file.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "the given buffer is not writable": read-only is the point
+        return torch.frombuffer(mapped, dtype=torch.uint8)
+
+
+def load_read_only(path: Path) -> object:
+    """`torch.load(path, mmap=True)` for a file larger than memory + swap: the tensors view a read-only private map.
+
+    `torch.load` maps the file private and writable, which the kernel charges in full against its commit limit and
+    refuses beyond memory + swap; a read-only map is not charged. Writing to these tensors faults instead of copying.
+    """
+    layout = torch.load(path, map_location="meta", weights_only=True)  # each storage keeps its offset in the file
+    data = map_read_only(path)
+
+    def rebuild(value: object) -> object:
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            start = storage._checkpoint_offset
+            raw = data[start : start + storage.nbytes()].view(value.dtype)
+            return raw.as_strided(value.shape, value.stride(), raw.storage_offset() + value.storage_offset())
+        if isinstance(value, dict):
+            return {key: rebuild(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(rebuild(item) for item in value)
+        return value
+
+    return rebuild(layout)
