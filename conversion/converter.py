@@ -1,6 +1,8 @@
-"""Converting a checkpoint file or folder into a Hub-ready ViTReg folder, in batch, and back to DINOv2's layout."""
+"""Converting a checkpoint file or folder into a Hub-ready ViTReg folder, in batch, and back to DINOv2's or DINOv3's
+layout."""
 
 import re
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -12,10 +14,19 @@ from vitreg.core.errors import UserError
 from vitreg.core.folders import atomic_output_file, check_output_dir
 from vitreg.core.provenance import Parity, Provenance
 from vitreg.model_cards import save_model_folder, write_card
+from vitreg.model_cards.registry import DINOV3_LICENSE, identify_dinov3_file
 from vitreg.modeling_vitreg import ViTRegConfig, ViTRegForImageClassification, ViTRegModel
 
 from .architectures import HEAD_KINDS, OFFICIAL_ARCHITECTURES, match_official
 from .checkpoints import load_checkpoint, load_tensors, read_folder_config, sha256
+from .dinov3 import (
+    convert_dinov3_hub,
+    convert_dinov3_timm,
+    convert_dinov3_transformers,
+    dinov3_shapes,
+    official_shapes,
+    to_dinov3,
+)
 from .heads import imagenet_labels, load_official_head
 from .layouts import (
     Conversion,
@@ -31,10 +42,13 @@ from .reference import (
     comparison_sizes,
     max_token_difference,
     timm_available,
+    timm_dinov3_reference,
+    timm_dinov3_unsupported,
     timm_reference,
     transformers_reference,
 )
 from .sources import resolve_source
+from .streaming import Concat, write_safetensors_shards
 
 logger = logging.get_logger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -52,7 +66,13 @@ def read_source(source: str | Path, num_heads: int | None = None) -> tuple[Conve
     source_format = sniff_format(state_dict, flattened=bool(wrappers or prefix or chunked))
     if source_format == "vitreg":
         raise UserError(f"{source}: already a ViTReg checkpoint")
-    if source_format == "transformers":
+    if source_format == "dinov3-hub":
+        conversion = convert_dinov3_hub(state_dict, num_heads)
+    elif source_format == "dinov3-transformers":
+        conversion = convert_dinov3_transformers(state_dict, read_folder_config(source), num_heads)
+    elif source_format == "dinov3-timm":
+        conversion = convert_dinov3_timm(state_dict, num_heads)
+    elif source_format == "transformers":
         conversion = convert_transformers(state_dict, read_folder_config(source), num_heads)
         if "classifier.weight" in outside and prefix:
             conversion = _with_transformers_classifier(conversion, tensors, read_folder_config(source) or {})
@@ -98,6 +118,19 @@ def build_model(
     conversion: Conversion, dtype: torch.dtype | None = None, source: Path | None = None
 ) -> PreTrainedModel:
     """A ViTReg model holding the converted tensors themselves (built on the meta device: no second copy)."""
+    model, state_dict = meta_model(conversion)
+    state_dict = {key: v.materialize() if isinstance(v, Concat) else v for key, v in state_dict.items()}
+    if dtype is not None:
+        state_dict = cast_releasing(state_dict, dtype, source)  # `source`: the mapped file whose pages can go
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.eval()
+
+
+def meta_model(conversion: Conversion) -> tuple[PreTrainedModel, dict[str, torch.Tensor | Concat]]:
+    """The conversion's model on the meta device, and its tensors under the model's names in the model's order.
+
+    Refuses tensors missing from the architecture the shapes describe, unknown to it or of another shape.
+    """
     state_dict = conversion.state_dict
     classify = "classifier.weight" in state_dict
     if classify:
@@ -116,10 +149,7 @@ def build_model(
         if state_dict[key].shape != tensor.shape:
             name = conversion.source_names.get(key.removeprefix("vitreg."), key)
             raise UserError(f"{name}: shape {list(state_dict[key].shape)}, expected {list(tensor.shape)}")
-    if dtype is not None:
-        state_dict = cast_releasing(state_dict, dtype, source)  # `source`: the mapped file whose pages can go
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    return model.eval()
+    return model, {key: state_dict[key] for key in expected}
 
 
 def _short(keys: list[str]) -> str:
@@ -140,6 +170,11 @@ def provenance_of(source: Path, conversion: Conversion, head: Path | None, progr
         provenance.official_name, provenance.base_model = official.name, official.base_model
     if conversion.source_format.startswith("dinov2") or conversion.source_format == "transformers":
         provenance.license, provenance.dinov2 = "apache-2.0", True
+    if conversion.source_format.startswith("dinov3"):
+        provenance.license = DINOV3_LICENSE  # the weights stay under Meta's DINOv3 License, whatever their layout
+        row = identify_dinov3_file(source.name)
+        if row is not None and dinov3_shapes(row.name) == official_shapes(conversion.config):
+            provenance.official_name, provenance.base_model = row.name, row.base_model
     if head is not None:
         provenance.head_file, provenance.head_sha256 = head.name, sha256(head, progress)
     return provenance
@@ -155,8 +190,10 @@ def verify_folder(
     from transformers import AutoModel, AutoModelForImageClassification
 
     config = conversion.config
-    if conversion.source_format == "transformers":
+    if conversion.source_format in ("transformers", "dinov3-transformers"):
         reference, name = transformers_reference(source), "transformers"
+    elif conversion.source_format.startswith("dinov3"):
+        reference, name = timm_dinov3_reference(source_state, conversion.source_format, config), "timm"
     else:
         reference, name = timm_reference(source_state, conversion.source_format, config), "timm"
     # The references resize position embeddings without DINOv2's 0.1 offset: compare those models at the native size.
@@ -172,12 +209,17 @@ def verify_folder(
 
 
 def check_verifiable(conversion: Conversion) -> None:
-    """Refuse `--verify` up front when its reference implementation (timm) is not installed."""
-    if conversion.source_format != "transformers" and not timm_available():
+    """Refuse `--verify` up front when its reference implementation (timm) is not installed or lacks the model."""
+    if conversion.source_format in ("transformers", "dinov3-transformers"):
+        return  # compared with transformers' own model of the folder
+    if not timm_available():
         raise UserError(
             "--verify compares every token with timm, which is not installed: pip install 'vitreg[convert]' "
             "(or convert without --verify)"
         )
+    problem = timm_dinov3_unsupported(conversion.config) if conversion.source_format.startswith("dinov3") else None
+    if problem:
+        raise UserError(f"--verify compares every token with timm, whose DINOv3 model has no {problem}")
 
 
 def convert(
@@ -223,13 +265,23 @@ def convert(
         conversion = attach_head(conversion, weights, num_layers, labels)
     for note in conversion.notes:
         logger.info(f"note: {note}")
-    model = build_model(conversion, dtype, source)
+    model, state_dict = meta_model(conversion)  # nothing materialised: the weights stream from the mapped source
+    if dtype is not None:
+        model.to(dtype)  # on the meta device: sets the dtype config.json records
     provenance = provenance_of(source, conversion, head, progress)
     if resolved.kind == "hub":
         provenance.source_file = resolved.name + (f"@{resolved.revision}" if resolved.revision else "")
         provenance.base_model = provenance.base_model or resolved.name
-    save_model_folder(model, output_dir, provenance, overwrite=overwrite, max_shard_size=MAX_SHARD_SIZE)
-    del model
+    write_weights = partial(
+        write_safetensors_shards,
+        state_dict,
+        max_shard_size=MAX_SHARD_SIZE,
+        dtype=dtype,
+        release_from=source,
+        total_parameters=model.num_parameters(),
+        progress=progress,
+    )
+    save_model_folder(model, output_dir, provenance, overwrite=overwrite, write_weights=write_weights)
     if verify:
         _verify_and_record(output_dir, conversion, source_state, source, provenance)
     return output_dir
@@ -288,16 +340,28 @@ def convert_batch(source_dir: str | Path, output_dir: str | Path, *, overwrite: 
 
 def export_dinov2(vitreg_dir: str | Path, output_file: str | Path, *, overwrite: bool = False) -> Path:
     """Write a ViTReg folder's backbone as an official DINOv2 state dict (`.pth`, or `.safetensors`)."""
+    return export_official(vitreg_dir, output_file, layout="dinov2", overwrite=overwrite)
+
+
+def export_official(
+    vitreg_dir: str | Path, output_file: str | Path, *, layout: str | None = None, overwrite: bool = False
+) -> Path:
+    """Write a ViTReg folder's backbone as an official state dict (`.pth`, or `.safetensors`): DINOv3's layout for a
+    RoPE model, DINOv2's otherwise; `layout` ("dinov2" / "dinov3"), when given, must be that one."""
     vitreg_dir, output_file = Path(vitreg_dir), Path(output_file)
     folder_config = read_folder_config(vitreg_dir)
     if folder_config is None or folder_config.get("model_type") != ViTRegConfig.model_type:
         raise UserError(f"{vitreg_dir}: not a ViTReg folder (config.json with model_type 'vitreg')")
     config = ViTRegConfig.from_pretrained(vitreg_dir)
+    family = "dinov3" if config.uses_rope else "dinov2"
+    if layout is not None and layout != family:
+        kind = "RoPE (DINOv3)" if config.uses_rope else "learned-position (DINOv2)"
+        raise UserError(f"{vitreg_dir}: a {kind} model has no official {layout} layout: export with --to {family}")
     tensors = load_tensors(vitreg_dir)
     backbone = {
         key.removeprefix("vitreg."): value for key, value in tensors.items() if not key.startswith("classifier.")
     }
-    exported = to_dinov2(backbone, config)
+    exported = (to_dinov3 if config.uses_rope else to_dinov2)(backbone, config)
     with atomic_output_file(output_file, overwrite) as temporary:
         if output_file.suffix == ".safetensors":
             from safetensors.torch import save_file

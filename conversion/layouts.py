@@ -1,8 +1,8 @@
 """Pure converters between checkpoint layouts and ViTReg's parameter names, dispatched by sniffing the keys.
 
 Every converter maps a state dict (already free of containers and prefixes) to ViTReg names plus the
-`ViTRegConfig` its shapes describe. Renames keep the source tensors (memory-mapped, no copy); only the
-transformers layout, which splits q/k/v, needs new tensors.
+`ViTRegConfig` its shapes describe. Renames keep the source tensors (memory-mapped, no copy); the transformers
+layout's split q/k/v become `Concat`s of them, concatenated only when a model is built in memory.
 """
 
 import math
@@ -16,9 +16,23 @@ from vitreg.modeling_vitreg import ViTRegConfig
 
 from .architectures import interpolation
 from .heads import imagenet_labels
+from .streaming import Concat
 
-ANCHORS = ("patch_embed.proj.weight", "embeddings.patch_embeddings.projection.weight")
-FORMATS = ("dinov2-hub", "dinov2-train", "timm", "transformers", "vitreg")
+ANCHORS = (
+    "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.weight",
+    "embeddings.patch_embeddings.weight",  # transformers' DINOv3ViT (a bare conv)
+)
+FORMATS = (
+    "dinov2-hub",
+    "dinov2-train",
+    "timm",
+    "transformers",
+    "vitreg",
+    "dinov3-hub",
+    "dinov3-transformers",
+    "dinov3-timm",
+)
 
 # (source pattern, ViTReg name): DINOv2's and timm's names differ only in reg_token and the SwiGLU names.
 VIT_RULES = [
@@ -154,8 +168,14 @@ def sniff_format(state_dict: dict[str, torch.Tensor], flattened: bool) -> str:
     """Which layout a prefix-free state dict is in; `flattened` when containers, prefixes or chunks were removed."""
     if "embeddings.patch_embeddings.projection.weight" in state_dict:
         return "vitreg" if any(key.endswith("attention.qkv.weight") for key in state_dict) else "transformers"
+    if "embeddings.patch_embeddings.weight" in state_dict:
+        return "dinov3-transformers"
+    if "rope_embed.periods" in state_dict or "storage_tokens" in state_dict:
+        return "dinov3-hub"
     if "mask_token" in state_dict or "register_tokens" in state_dict:
         return "dinov2-train" if flattened else "dinov2-hub"
+    if "pos_embed" not in state_dict and any(key.endswith(".gamma_1") for key in state_dict):
+        return "dinov3-timm"  # timm's Eva names (gamma_1) and RoPE instead of a position embedding
     return "timm"  # timm's DINOv2 converter drops mask_token and renames register_tokens to reg_token
 
 
@@ -284,8 +304,8 @@ def convert_vit(state_dict: dict[str, torch.Tensor], source_format: str, num_hea
     return Conversion(config, converted, source_format, notes, names)
 
 
-def _fuse(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Concatenate temporary part names (`...qkv.q.weight`, `.k.`, `.v.`) into one tensor, rows in part order."""
+def _fuse(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | Concat]:
+    """Join temporary part names (`...qkv.q.weight`, `.k.`, `.v.`) into one `Concat` (rows in part order, no copy)."""
     fused, groups = {}, {}
     part_pattern = re.compile(r"(.*\.(?:" + "|".join(map(re.escape, FUSED_PARTS)) + r"))\.(\w+)\.(weight|bias)")
     for key, tensor in state_dict.items():
@@ -299,7 +319,10 @@ def _fuse(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         missing = [part for part in order if part not in parts]
         if missing:
             raise UserError(f"{key}: missing the {'/'.join(missing)} projection(s)")
-        fused[key] = torch.cat([parts[part] for part in order], dim=0)
+        try:
+            fused[key] = Concat(parts[part] for part in order)
+        except ValueError as error:
+            raise UserError(f"{key}: {error}") from None
     return fused
 
 

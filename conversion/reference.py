@@ -1,5 +1,5 @@
-"""Independent implementations to check conversions against: timm (loading DINOv2 files through its own converter)
-and transformers' Dinov2 / Dinov2WithRegisters."""
+"""Independent implementations to check conversions against: timm (loading DINOv2 and DINOv3 files through its own
+converters) and transformers' Dinov2 / Dinov2WithRegisters / DINOv3ViT."""
 
 from functools import partial
 from pathlib import Path
@@ -64,8 +64,67 @@ def timm_reference(state_dict: dict[str, torch.Tensor], source_format: str, conf
     return model.float()
 
 
+def timm_dinov3_unsupported(config: ViTRegConfig) -> str | None:
+    """What of a DINOv3 `config` timm's Eva cannot express (named for a message), or None."""
+    unsupported = {
+        "cls_norm (untied CLS and patch norms)": config.untie_cls_and_patch_norms,
+        "RoPE by min and max period": config.rope_theta is None,
+        f"rope_normalize_coords={config.rope_normalize_coords!r}": config.rope_normalize_coords != "separate",
+        "learned key bias": config.qkv_bias and not config.mask_k_bias,
+        "model without projection or MLP biases": not (config.proj_bias and config.ffn_bias),
+    }
+    return next((name for name, present in unsupported.items() if present), None)
+
+
+def timm_dinov3_model(config: ViTRegConfig) -> nn.Module:
+    """An empty timm Eva with DINOv3's RoPE (as timm's `vit_*_patch16_dinov3*`) and the architecture of `config`."""
+    from timm.layers import LayerNorm
+    from timm.models.eva import Eva
+
+    problem = timm_dinov3_unsupported(config)
+    if problem:
+        raise ValueError(f"timm's DINOv3 model has no {problem}")
+    return Eva(
+        img_size=config.image_size,
+        patch_size=config.patch_size,
+        in_chans=config.num_channels,
+        num_classes=0,
+        global_pool="token",
+        embed_dim=config.hidden_size,
+        depth=config.num_hidden_layers,
+        num_heads=config.num_attention_heads,
+        qkv_bias=config.qkv_bias,  # q_bias and v_bias; the key bias is a zero buffer
+        mlp_ratio=(config.mlp_hidden_size + 0.5) / config.hidden_size,  # timm takes int(D * ratio)
+        swiglu_mlp=config.use_swiglu_ffn,
+        swiglu_align_to=int(config.use_swiglu_ffn),  # any alignment selects timm's unpacked SwiGLU (fc1_g, fc1_x)
+        init_values=config.layerscale_value,
+        num_reg_tokens=config.num_register_tokens,
+        use_abs_pos_emb=False,
+        use_rot_pos_emb=True,
+        rope_type="dinov3",
+        rope_temperature=config.rope_theta,
+        rope_rotate_half=True,
+        use_fc_norm=False,
+        norm_layer=partial(LayerNorm, eps=config.layer_norm_eps),
+        dynamic_img_size=True,
+    ).eval()
+
+
+def timm_dinov3_reference(state_dict: dict[str, torch.Tensor], source_format: str, config: ViTRegConfig) -> nn.Module:
+    """timm's model of an official DINOv3 state dict (via timm's own `checkpoint_filter_fn`) or a timm-layout one."""
+    from timm.models.eva import checkpoint_filter_fn
+
+    model = timm_dinov3_model(config)
+    if source_format == "dinov3-hub":
+        weights = checkpoint_filter_fn(dict(state_dict), model)
+    else:
+        weights = {key: value for key, value in state_dict.items() if not key.startswith("head.")}
+    model.load_state_dict(weights, strict=True)
+    return model.float()
+
+
 def transformers_reference(folder: str | Path) -> nn.Module:
-    """transformers' own model of a Dinov2 / Dinov2WithRegisters folder."""
+    """transformers' own model of a Dinov2 / Dinov2WithRegisters / DINOv3ViT folder."""
     from transformers import AutoModel
 
     return AutoModel.from_pretrained(folder, dtype=torch.float32).eval()

@@ -1,5 +1,6 @@
 """Writing a ViTReg folder that is a ready Hub repository: weights, config + remote code, processor, card."""
 
+from collections.abc import Callable
 from pathlib import Path
 
 from transformers import PreTrainedModel
@@ -19,11 +20,20 @@ def save_model_folder(
     overwrite: bool = False,
     crop_size: int = 224,
     max_shard_size: str = "5GB",
+    write_weights: Callable[[Path], object] | None = None,
 ) -> Path:
-    """Write `model` as a Hub-ready folder (safetensors, config with auto_map + code, processor, card), atomically."""
+    """Write `model` as a Hub-ready folder (safetensors, config with auto_map + code, processor, card), atomically.
+
+    `write_weights(folder)`, when given, writes the weights in place of `model`'s own (which may then live on the
+    meta device), e.g. streamed from a memory-mapped checkpoint.
+    """
     output_dir = Path(output_dir)
     with atomic_output_dir(output_dir, overwrite) as staging:
-        model.save_pretrained(staging, max_shard_size=max_shard_size)
-        image_processor(crop_size).save_pretrained(staging)
+        if write_weights is None:
+            model.save_pretrained(staging, max_shard_size=max_shard_size)
+        else:
+            model.save_pretrained(staging, state_dict={})  # config.json with auto_map and the remote code, no weights
+            write_weights(staging)
+        image_processor(crop_size, square=model.config.uses_rope).save_pretrained(staging)  # RoPE: DINOv3's
         write_card(staging, provenance)
     return output_dir
