@@ -29,15 +29,26 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 STORED = {"float32": "float32", "float16": "float16", "bfloat16": "float32"}  # Arrow has no bfloat16
 
 
-def crop_options(image_size: int | None) -> dict:
-    """Processor overrides for `image_size`: DINOv2's evaluation resize (short side 256/224 of it), center crop."""
+def output_size(processor: BaseImageProcessor) -> dict | None:
+    """`{"height", "width"}` every image comes out at: the center crop (DINOv2), or a resize of the whole image to a
+    fixed size (DINOv3); None when the size depends on the image."""
+    if getattr(processor, "do_center_crop", False) and getattr(processor, "crop_size", None):
+        return processor.crop_size
+    size = getattr(processor, "size", None)
+    if getattr(processor, "do_resize", False) and size and size.get("height") and size.get("width"):
+        return size
+    return None
+
+
+def crop_options(image_size: int | None, processor: BaseImageProcessor) -> dict:
+    """Processor overrides for `image_size`: DINOv3's whole-image resize for a processor that does it, else DINOv2's
+    evaluation resize (short side 256/224 of it) and center crop."""
     if image_size is None:
         return {}
-    return {
-        "size": {"shortest_edge": round(image_size * 256 / 224)},
-        "crop_size": {"height": image_size, "width": image_size},
-        "do_center_crop": True,
-    }
+    square = {"height": image_size, "width": image_size}
+    if output_size(processor) is not None and not getattr(processor, "do_center_crop", False):
+        return {"size": square}
+    return {"size": {"shortest_edge": round(image_size * 256 / 224)}, "crop_size": square, "do_center_crop": True}
 
 
 class Transform:
@@ -52,12 +63,9 @@ class Transform:
 
 def output_grid(processor: BaseImageProcessor, options: dict, patch_size: int) -> tuple[int, int]:
     """The patch grid of every image, refusing a crop that does not tile into whole patches."""
-    if options:
-        crop = options["crop_size"]
-    elif getattr(processor, "do_center_crop", False) and getattr(processor, "crop_size", None):
-        crop = processor.crop_size
-    else:
-        raise UserError("the model's image processor does not crop to a fixed size: pass --image-size")
+    crop = options.get("crop_size", options.get("size")) if options else output_size(processor)
+    if crop is None:
+        raise UserError("the model's image processor gives no fixed image size: pass --image-size")
     height, width = crop["height"], crop["width"]
     if height % patch_size or width % patch_size:
         raise UserError(f"--image-size {height}: not a multiple of the patch size {patch_size}")
@@ -116,7 +124,7 @@ def extract_features(
         (vit, processor), name = load_backbone(model, revision=revision, progress=progress), str(model)
     config = vit.config
     layers = check_request(config, what, layers)
-    options = crop_options(image_size)
+    options = crop_options(image_size, processor)
     rows, cols = output_grid(processor, options, config.patch_size)
     shapes = column_shapes(config, what, rows * cols, None if layers is None else len(layers))
     job = {

@@ -299,6 +299,15 @@ def test_pipeline_and_extract_give_the_models_tokens(dinov3_folder, tmp_path, ph
         assert np.abs(layer_cls[block] - cls_tokens[block][0].numpy()).max() <= 1e-5
         assert np.abs(layer_cls[block] - model.cls_norm(kept[block][0, 0]).detach().numpy()).max() <= 1e-5
         assert np.abs(layer_patches[block] - patches[block][0].numpy()).max() <= 1e-5
+    # --image-size resizes the whole image as DINOv3 does (no crop): 96 px is a 6 x 6 grid.
+    summary = extract_features(folder, photo_folder, tmp_path / "small", what="patch", image_size=96, workers=0,
+                               progress=False)  # fmt: skip
+    assert summary["grid"] == [6, 6]
+    photo = Image.open(photo_folder / features["id"][0])
+    small = processor(photo, size={"height": 96, "width": 96}, return_tensors="pt")
+    with torch.no_grad():
+        expected_patches = model(**small).patch_tokens[0].numpy()
+    assert np.abs(array(load_features(tmp_path / "small"), "patch")[0] - expected_patches).max() <= 1e-4
 
 
 def test_analyze_attention_is_the_rope_models_own(dinov3_folder, tmp_path):

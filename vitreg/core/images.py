@@ -1,4 +1,4 @@
-"""DINOv2's preprocessing as a transformers image processor, and the real photos scikit-image ships."""
+"""DINOv2's and DINOv3's preprocessing as a transformers image processor, and the real photos scikit-image ships."""
 
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,21 +14,31 @@ SAMPLE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "cat", "immunohisto
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")  # image files the tools read
 
 
-def image_processor(crop_size: int = 224, resize_size: int | None = None) -> BitImageProcessor:
-    """DINOv2's preprocessing: bicubic resize of the short side to 256/224 of the crop, center crop, ImageNet norm."""
+def image_processor(crop_size: int = 224, resize_size: int | None = None, square: bool = False) -> BitImageProcessor:
+    """DINOv2's preprocessing: bicubic resize of the short side to 256/224 of the crop, center crop, ImageNet norm.
+
+    With `square`, DINOv3's (its README's and transformers' `DINOv3ViTImageProcessor`): the whole image resized to
+    `crop_size x crop_size`, bilinear and antialiased, no crop, ImageNet norm.
+    """
     resize_size = resize_size or round(crop_size * 256 / 224)
+    common = {
+        "do_resize": True,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(IMAGENET_MEAN),
+        "image_std": list(IMAGENET_STD),
+        "do_convert_rgb": True,
+    }
+    if square:
+        size = {"height": crop_size, "width": crop_size}
+        return BitImageProcessor(size=size, resample=2, do_center_crop=False, **common)  # 2: PIL.Image.BILINEAR
     return BitImageProcessor(
-        do_resize=True,
         size={"shortest_edge": resize_size},
         resample=3,  # PIL.Image.BICUBIC
         do_center_crop=True,
         crop_size={"height": crop_size, "width": crop_size},
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=list(IMAGENET_MEAN),
-        image_std=list(IMAGENET_STD),
-        do_convert_rgb=True,
+        **common,
     )
 
 
