@@ -3,21 +3,27 @@
 Peers: transformers' `Dinov2WithRegistersModel` and timm's `vit_small_patch14_reg4_dinov2` (ViT-S/14, 4 registers),
 all holding the same weights (checked: every token agrees), fp32 on the CPU. A fused-qkv vs three-projection
 variant of ViTReg answers "one qkv matmul or three?" by measurement, and a variant with DINOv2's `F.interpolate`
-position interpolation what the traceable resampling matrices cost. Achieved GFLOP/s is set against a large
-matmul timed in the same run. Results are ratios: each round times every model once (in a new random order), the
-per-round ratio peer / vitreg is taken, and the table gives its median and interquartile range over the rounds.
-A ratio whose IQR contains 1 is a tie, and is called one.
+position interpolation what the traceable resampling matrices cost; `--against REV` adds ViTReg's model code as of
+git revision REV (same weights), so a change is checked for a slowdown in the same run. Achieved GFLOP/s is set
+against a large matmul timed in the same run. Results are ratios: each round times every model once (in a new random
+order), the per-round ratio peer / vitreg is taken, and the table gives its median and interquartile range over the
+rounds. A ratio whose IQR contains 1 is a tie, and is called one.
 
-    python benchmarks/bench_inference.py [--rounds 12] [--workloads 8x224 1x518] [--json out.json]
+    python benchmarks/bench_inference.py [--rounds 12] [--workloads 8x224 1x518] [--against REV] [--json out.json]
 """
 
 import argparse
 import copy
+import importlib
 import json
 import platform
 import random
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import timm
 import torch
@@ -144,6 +150,23 @@ def interpolate_with_f_interpolate(model: ViTRegModel) -> ViTRegModel:
     return variant.eval()
 
 
+def vitreg_at(revision: str, model: ViTRegModel) -> nn.Module:
+    """`model` rebuilt from ViTReg's model code as of git `revision`, with the same weights (a regression check)."""
+    repo = Path(__file__).resolve().parents[1]
+    package = Path(tempfile.mkdtemp(prefix="vitreg-at-")) / "vitreg_at_revision"
+    package.mkdir()
+    (package / "__init__.py").write_text("")  # the modules alone: nothing registers with the Auto classes
+    for name in ("configuration_vitreg.py", "modeling_vitreg.py"):
+        show = ["git", "show", f"{revision}:modeling_vitreg/{name}"]
+        (package / name).write_text(subprocess.run(show, cwd=repo, capture_output=True, text=True, check=True).stdout)
+    sys.path.insert(0, str(package.parent))
+    old = importlib.import_module("vitreg_at_revision.modeling_vitreg")
+    config = old.ViTRegConfig(**SMALL, image_size=518, layerscale_value=1e-5, attn_implementation="sdpa")
+    peer = old.ViTRegModel(config).eval()
+    peer.load_state_dict(model.state_dict(), strict=True)
+    return peer
+
+
 def time_call(fn, repeats: int) -> float:
     """Seconds per call, the best of a short burst (after one warm-up call)."""
     fn()
@@ -200,6 +223,7 @@ def main() -> None:
     parser.add_argument(
         "--workloads", type=workload, nargs="+", default=[(8, 224), (1, 518)], help="BATCHxSIZE, e.g. 8x224 1x518"
     )
+    parser.add_argument("--against", metavar="REV", help="also time ViTReg's model code as of this git revision")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -220,6 +244,9 @@ def main() -> None:
         "transformers Dinov2WithRegisters": lambda m, x: m(pixel_values=x).last_hidden_state,
         "timm vit_small_patch14_reg4_dinov2": lambda m, x: m.forward_features(x),
     }
+    if args.against:
+        peers[f"vitreg at {args.against}"] = vitreg_at(args.against, vitreg)
+        outputs[f"vitreg at {args.against}"] = outputs["vitreg"]
     results = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "runs": []}
     for batch, size in args.workloads:
         check_same_function(peers, outputs, size)
