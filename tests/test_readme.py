@@ -42,8 +42,9 @@ def test_readme_examples_run(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     accuracy = re.search(r"held-out accuracy ([0-9.]+)", result.stdout)
-    # Chance is 0.1; tests/test_trainer_digits.py trains longer and asks for 0.9.
-    assert accuracy and float(accuracy.group(1)) >= 0.2, result.stdout[-2000:]
+    # Chance is 0.1; five epochs reach 0.61-0.72 over seeds 0-3 (two epochs gave 0.18-0.33: too close to chance to
+    # test); tests/test_trainer_digits.py trains longer and asks for 0.9.
+    assert accuracy and float(accuracy.group(1)) >= 0.4, result.stdout[-2000:]
     assert (tmp_path / "artifacts" / "report.json").is_file()
     assert (tmp_path / "exported.pth").is_file()
     assert (tmp_path / "smoke-run" / "model" / "model.safetensors").is_file()
