@@ -37,7 +37,7 @@ def random_model(config: ViTRegConfig, seed: int = 0) -> ViTRegModel:
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             parameter.normal_(0, parameter.shape[-1] ** -0.5 if parameter.ndim > 1 else 0.1)
-            if name.endswith("norm.weight") or "norm" in name and name.endswith("weight"):
+            if "norm" in name and name.endswith("weight"):
                 parameter.add_(1.0)
     return model
 
