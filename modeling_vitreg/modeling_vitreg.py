@@ -587,6 +587,10 @@ class ViTRegPreTrainedModel(PreTrainedModel):
         elif isinstance(module, ViTRegLayerScale):
             init.constant_(module.lambda1, self.config.layerscale_value)
 
+
+class ViTRegEncoderMixin:
+    """What the encoders (ViTRegModel, ViTRegBackbone) share: the final norms and the pass through the blocks."""
+
     def build_final_norms(self) -> None:
         """The final LayerNorm, and DINOv3's untied norms of the CLS and register tokens when the config asks."""
         config = self.config
@@ -635,7 +639,7 @@ def to_feature_map(patches: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return patches.reshape(patches.shape[0], rows, cols, -1).permute(0, 3, 1, 2).contiguous()
 
 
-class ViTRegModel(ViTRegPreTrainedModel):
+class ViTRegModel(ViTRegEncoderMixin, ViTRegPreTrainedModel):
     """The bare ViTReg encoder: embeddings, blocks and the final LayerNorm."""
 
     def __init__(self, config: ViTRegConfig):
@@ -767,7 +771,7 @@ class ViTRegForImageClassification(ViTRegPreTrainedModel):
         return ImageClassifierOutput(loss=loss, logits=logits)
 
 
-class ViTRegBackbone(BackboneMixin, ViTRegPreTrainedModel):
+class ViTRegBackbone(BackboneMixin, ViTRegEncoderMixin, ViTRegPreTrainedModel):
     """Feature maps `[B, D, h, w]` of chosen stages, for transformers' dense-prediction heads (`AutoBackbone`)."""
 
     def __init__(self, config: ViTRegConfig):
