@@ -170,7 +170,7 @@ def card_data(config: dict, provenance: Provenance, repo_id: str | None = None) 
         tags=["vitreg", "vision", "registers"]
         + (["dinov2"] if uses_dinov2(provenance) else [])
         + (["dinov3"] if uses_dinov3(provenance) else [])
-        + (["rope"] if config.get("position_embedding_type") == "rope" else []),
+        + (["rope"] if uses_rope(config) else []),
         datasets=datasets,
         base_model=provenance.base_model or (backbone.base_model if backbone else None),
         model_name=title(provenance, repo_id) if eval_results else None,
