@@ -17,7 +17,7 @@ TOOLS = ("conversion", "training", "analysis", "model_cards", "extract")
 # Which of the package's layers each folder may import (besides itself): everything points down to the model.
 ALLOWED = {
     "modeling_vitreg": set(),
-    "vitreg/core": {"core"},
+    "vitreg/core": {"core", "modeling_vitreg"},
     "model_cards": {"core", "modeling_vitreg", "model_cards"},
     "conversion": {"core", "modeling_vitreg", "model_cards", "conversion"},
     "training": {"core", "modeling_vitreg", "model_cards", "training"},
@@ -68,10 +68,40 @@ def vitreg_imports(path: Path) -> set[str]:
     return layers
 
 
+def function_level_imports(path: Path) -> set[str]:
+    """The `vitreg.<layer>` names imported inside function bodies of a module (deferred, not at import time)."""
+    inner = set()
+    for function in ast.walk(ast.parse(path.read_text())):
+        if isinstance(function, ast.FunctionDef):
+            for node in ast.walk(function):
+                if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("vitreg."):
+                    inner.add(node.module.split(".")[1])
+    return inner
+
+
+def test_opening_a_model_needs_conversion_only_for_what_it_converts(tmp_path):
+    """The one exception to the layers: `open_model` hands a source that is not a ViTReg folder to conversion, whose
+    module it imports inside the function, so opening a folder never imports conversion."""
+    opening = ROOT / "vitreg" / "core" / "opening.py"
+    assert vitreg_imports(opening) - ALLOWED["vitreg/core"] == {"conversion"} == function_level_imports(opening)
+    code = (
+        "import sys, torch; from vitreg.core.opening import open_model; from vitreg.modeling_vitreg import *; "
+        "from vitreg.core import Provenance; from vitreg.model_cards import save_model_folder; "
+        "config = ViTRegConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28); "
+        "save_model_folder(ViTRegModel(config), sys.argv[1], Provenance(kind='random')); "
+        "print(any(m.startswith('vitreg.conversion') for m in sys.modules)); "
+        "open_model(sys.argv[1]); print(any(m.startswith('vitreg.conversion') for m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "model")], capture_output=True, text=True)
+    assert done.stdout.strip().splitlines()[-2:-1] == ["False"], done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1:] == ["False"], done.stderr[-2000:]
+
+
 @pytest.mark.parametrize("folder", sorted(ALLOWED))
 def test_layers_point_one_way(folder):
     for path in sorted((ROOT / folder).rglob("*.py")):
-        used = vitreg_imports(path) - ALLOWED[folder]
+        exempt = {"conversion"} if path.name == "opening.py" and folder == "vitreg/core" else set()
+        used = vitreg_imports(path) - ALLOWED[folder] - exempt
         # Names that are modules of an allowed layer (e.g. `vitreg.model_cards.registry` -> model_cards) are fine;
         # anything else is a layer this folder must not reach.
         assert not used, f"{path.relative_to(ROOT)} imports vitreg.{sorted(used)}"

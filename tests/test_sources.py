@@ -17,9 +17,9 @@ from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, D
 
 from vitreg.cli import main
 from vitreg.conversion import hub, random_head_state_dict, write_random_checkpoint
-from vitreg.conversion.loading import load_backbone
 from vitreg.conversion.sources import official_name, resolve_source
 from vitreg.core import Provenance, UserError, sample_photos
+from vitreg.core.opening import open_model
 from vitreg.model_cards import save_model_folder
 from vitreg.model_cards.registry import OFFICIAL_BACKBONES
 from vitreg.modeling_vitreg import ViTRegForImageClassification, ViTRegModel
@@ -72,7 +72,7 @@ def test_transformers_repo_converts_in_memory_and_into_a_folder(cache, tmp_path,
     assert snapshot_download(repo_id, allow_patterns=["config.json", "model.safetensors"]).endswith(REVISION)
     source = resolve_source(repo_id)
     assert source.kind == "hub" and source.path.name == REVISION
-    model, processor = load_backbone(repo_id)
+    model, processor, _ = open_model(repo_id)
     assert isinstance(model, ViTRegModel) and model.config.num_register_tokens == (4 if registers else 0)
     pixels = torch.randn(2, 3, 28, 28)
     assert (tokens(model, pixels) - tokens(reference, pixels)).abs().max() <= 1e-5
@@ -94,7 +94,7 @@ def test_timm_repo(cache, tmp_path):
     save_file(reference.state_dict(), folder / "model.safetensors")
     (folder / "config.json").write_text(json.dumps({"architecture": "vit_small_patch14_reg4_dinov2", "num_classes": 0}))
     plant_repo(cache, "timm/vit_tiny_patch14_reg4_dinov2.test", folder)
-    model, _ = load_backbone("timm/vit_tiny_patch14_reg4_dinov2.test")
+    model, _, _ = open_model("timm/vit_tiny_patch14_reg4_dinov2.test")
     pixels = torch.randn(2, 3, 28, 28)
     with torch.no_grad():
         expected = reference.forward_features(pixels)
@@ -106,7 +106,7 @@ def test_vitreg_repo_loads_as_it_is(cache, tmp_path):
     expected = make_vitreg(tiny_config())
     save_model_folder(expected, tmp_path / "mine", Provenance(kind="random"))
     plant_repo(cache, "me/my-vitreg", tmp_path / "mine")
-    model, _ = load_backbone("me/my-vitreg")
+    model, _, _ = open_model("me/my-vitreg")
     pixels = torch.randn(1, 3, 28, 28)
     assert torch.equal(tokens(model, pixels), tokens(expected, pixels))
 
@@ -133,7 +133,7 @@ def test_official_names_from_the_torch_hub_cache(cache, tmp_path):
     checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
     write_random_checkpoint(checkpoints / arch.pretrain_file, "dinov2_vits14_reg4", **TINY)
     assert resolve_source("dinov2_vits14_reg").path == checkpoints / arch.pretrain_file
-    model, _ = load_backbone("dinov2_vits14_reg4_lc")  # the backbone alone: the head is not even fetched
+    model, _, _ = open_model("dinov2_vits14_reg4_lc")  # the backbone alone: the head is not even fetched
     assert isinstance(model, ViTRegModel) and model.config.num_register_tokens == 4
     with pytest.raises(UserError, match="dinov2_vits14_reg4_linear4_head.pth is not in the torch hub cache"):
         resolve_source("dinov2_vits14_reg4_lc")
@@ -174,7 +174,7 @@ def test_bad_sources_are_one_line_errors(cache, tmp_path, monkeypatch, capsys):
     }
     for message, source in cases.items():
         with pytest.raises(UserError, match=message):
-            load_backbone(source)
+            open_model(source)
     with pytest.raises(UserError, match="--revision applies to Hub repositories"):
         resolve_source(str(tmp_path / "empty"), revision="main")
 

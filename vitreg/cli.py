@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 from . import __version__
 from .core.errors import UserError
+from .core.flags import apply_common_flags
 from .core.logs import show_library_logs
 
 
@@ -97,6 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     module.add_arguments(sub)
     args = sub.parse_args(argv[1:])
     show_library_logs()
+    apply_common_flags(args)
     try:
         return int(module.run(args) or 0)
     except UserError as error:
