@@ -9,11 +9,27 @@ OFFICIAL_ARCHITECTURES: dict[str, OfficialBackbone] = OFFICIAL_BACKBONES
 HEAD_KINDS = {kind: head.num_layers for kind, head in HEADS.items()}  # head file suffix -> CLS tokens it reads
 
 
+INTERPOLATIONS = ("source", "dinov2")  # `vitreg convert --interpolation`: the source's own resize, or DINOv2's
+
+
 def interpolation(num_register_tokens: int) -> dict:
     """DINOv2's position interpolation per family: antialiased resize with registers, the 0.1-offset scale without."""
     if num_register_tokens:
         return {"interpolate_antialias": True, "interpolate_offset": 0.0}
     return {"interpolate_antialias": False, "interpolate_offset": 0.1}
+
+
+def transformers_interpolation(num_register_tokens: int) -> dict:
+    """transformers' Dinov2Model / Dinov2WithRegistersModel (5.x): bicubic to the target size (`size=`, no offset),
+    antialiased only with registers; the table itself at the native square grid, as ViTReg's."""
+    return {"interpolate_antialias": bool(num_register_tokens), "interpolate_offset": 0.0}
+
+
+def describe_interpolation(config: ViTRegConfig) -> str:
+    """The position interpolation a learned-position config performs, in words (for notes and messages)."""
+    if config.interpolate_offset:
+        return f"DINOv2's official: bicubic by scale factor (grid + {config.interpolate_offset:g}) / native grid"
+    return f"bicubic to the target grid{', antialiased' if config.interpolate_antialias else ''}, no offset"
 
 
 def official_config(arch: OfficialBackbone, **overrides) -> ViTRegConfig:
@@ -28,6 +44,7 @@ def official_config(arch: OfficialBackbone, **overrides) -> ViTRegConfig:
         patch_size=OFFICIAL_PATCH_SIZE,
         layerscale_value=1.0,
         layer_norm_eps=1e-6,
+        use_mask_token=True,  # every official checkpoint carries one (iBOT's), exported back unchanged
         **interpolation(arch.num_register_tokens),
     )
     fields.update(overrides)

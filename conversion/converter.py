@@ -1,6 +1,7 @@
 """Converting a checkpoint file or folder into a Hub-ready ViTReg folder, in batch, and back to DINOv2's or DINOv3's
 layout."""
 
+import math
 import re
 from functools import partial
 from pathlib import Path
@@ -12,8 +13,9 @@ from transformers.utils import logging
 import vitreg
 from vitreg.core.errors import UserError
 from vitreg.core.folders import atomic_output_file, check_output_dir
+from vitreg.core.opening import folder_processor
 from vitreg.core.provenance import Parity, Provenance
-from vitreg.model_cards import save_model_folder, write_card
+from vitreg.model_cards import save_model_folder
 from vitreg.model_cards.registry import DINOV3_LICENSE, identify_dinov3_file
 from vitreg.modeling_vitreg import ViTRegConfig, ViTRegForImageClassification, ViTRegModel
 
@@ -30,6 +32,7 @@ from .dinov3 import (
 from .heads import imagenet_labels, load_official_head
 from .layouts import (
     Conversion,
+    check_interpolation,
     convert_transformers,
     convert_vit,
     sniff_format,
@@ -40,11 +43,14 @@ from .layouts import (
 from .memory import cast_releasing
 from .reference import (
     comparison_sizes,
-    max_token_difference,
+    timm_architecture,
     timm_available,
     timm_dinov3_reference,
     timm_dinov3_unsupported,
+    timm_folder_reference,
     timm_reference,
+    timm_source_heads,
+    token_differences,
     transformers_reference,
 )
 from .sources import resolve_source
@@ -53,19 +59,32 @@ from .streaming import Concat, write_safetensors_shards
 logger = logging.get_logger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MAX_SHARD_SIZE = "2GB"  # ViT-g (4.5 GB in float32) comes out in 3 shards
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-2, torch.bfloat16: 2e-1}
+# --verify: the largest token difference allowed, relative to the largest token value (attention as sharp as a
+# trained model's turns float rounding into absolute differences of 1e-4 between exact implementations; a wrong
+# conversion differs by the order of the tokens themselves), per dtype the folder stores.
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 OFFICIAL_FILE = re.compile(r"(dinov2_vit[sblg]14(?:_reg4)?)_pretrain\.pth")
+EXPORT_SUFFIXES = (".pth", ".pt", ".safetensors")
 
 
-def read_source(source: str | Path, num_heads: int | None = None) -> tuple[Conversion, dict[str, torch.Tensor]]:
-    """Load and convert any supported checkpoint; also returns the prefix-free source weights (for references)."""
+def read_source(
+    source: str | Path, num_heads: int | None = None, interpolation: str = "source"
+) -> tuple[Conversion, dict[str, torch.Tensor]]:
+    """Load and convert any supported checkpoint; also returns the prefix-free source weights (for references).
+
+    `num_heads` overrides a head count the source does not record; `interpolation` (`source` or `dinov2`) chooses
+    whose position interpolation a learned-position model gets: the source's own code's, or DINOv2's official one.
+    """
     source = Path(source)
+    check_interpolation(interpolation)
     tensors, wrappers = load_checkpoint(source)
     state_dict, prefix, outside = split_prefix(tensors)
     state_dict, chunked = unchunk_blocks(state_dict)
     source_format = sniff_format(state_dict, flattened=bool(wrappers or prefix or chunked))
     if source_format == "vitreg":
         raise UserError(f"{source}: already a ViTReg checkpoint")
+    if source_format in ("timm", "dinov3-timm"):
+        num_heads = _timm_folder_heads(source, num_heads, source_width(state_dict))
     if source_format == "dinov3-hub":
         conversion = convert_dinov3_hub(state_dict, num_heads)
     elif source_format == "dinov3-transformers":
@@ -73,11 +92,11 @@ def read_source(source: str | Path, num_heads: int | None = None) -> tuple[Conve
     elif source_format == "dinov3-timm":
         conversion = convert_dinov3_timm(state_dict, num_heads)
     elif source_format == "transformers":
-        conversion = convert_transformers(state_dict, read_folder_config(source), num_heads)
+        conversion = convert_transformers(state_dict, read_folder_config(source), num_heads, interpolation)
         if "classifier.weight" in outside and prefix:
             conversion = _with_transformers_classifier(conversion, tensors, read_folder_config(source) or {})
     else:
-        conversion = convert_vit(state_dict, source_format, num_heads)
+        conversion = convert_vit(state_dict, source_format, num_heads, interpolation)
         official_grid = (conversion.config.image_size, conversion.config.patch_size) == (518, 14)
         if source_format == "dinov2-hub" and not official_grid:
             conversion.source_format = "dinov2-train"  # a flat file at a training resolution or patch size
@@ -85,6 +104,30 @@ def read_source(source: str | Path, num_heads: int | None = None) -> tuple[Conve
     if dropped:
         conversion.notes.append(f"dropped {len(dropped)} tensors beside the backbone ({dropped[0].split('.')[0]}, ...)")
     return conversion, state_dict
+
+
+def source_folder_config(source: Path) -> dict | None:
+    """The `config.json` of a source folder (None for a file or a folder without one)."""
+    return read_folder_config(source) if (source / "config.json").is_file() else None
+
+
+def source_width(state_dict: dict[str, torch.Tensor]) -> int | None:
+    """The embedding width of a timm-layout state dict (None without a patch embedding)."""
+    patch = state_dict.get("patch_embed.proj.weight")
+    return None if patch is None else patch.shape[0]
+
+
+def _timm_folder_heads(source: Path, num_heads: int | None, width: int | None) -> int | None:
+    """The head count a timm folder's own architecture defines (timm's `config.json`), checked against `num_heads`;
+    `num_heads` for a bare state dict, which records none."""
+    folder_config = source_folder_config(source)
+    heads = timm_source_heads(source, folder_config, width)
+    if heads is None:
+        return num_heads
+    if num_heads is not None and num_heads != heads:
+        architecture = timm_architecture(folder_config)
+        raise UserError(f"--num-heads {num_heads} contradicts the source's timm architecture {architecture} ({heads})")
+    return heads
 
 
 def _with_transformers_classifier(conversion: Conversion, tensors: dict, folder_config: dict) -> Conversion:
@@ -156,13 +199,15 @@ def _short(keys: list[str]) -> str:
     return ", ".join(keys[:3]) + (f" (and {len(keys) - 3} more)" if len(keys) > 3 else "")
 
 
-def provenance_of(source: Path, conversion: Conversion, head: Path | None, progress: bool) -> Provenance:
-    """The provenance record of a conversion, hashing the source file(s)."""
+def provenance_of(
+    source: Path, conversion: Conversion, head: Path | None, progress: bool, hash_files: bool = True
+) -> Provenance:
+    """The provenance record of a conversion, hashing the source file(s) unless `hash_files` is False."""
     provenance = Provenance(
         kind="converted",
         source_file=source.name,
         source_format=conversion.source_format,
-        source_sha256=sha256(source, progress) if source.is_file() else None,
+        source_sha256=sha256(source, progress) if hash_files and source.is_file() else None,
         vitreg_version=vitreg.__version__,
     )
     official = match_official(conversion.config)
@@ -176,39 +221,75 @@ def provenance_of(source: Path, conversion: Conversion, head: Path | None, progr
         if row is not None and dinov3_shapes(row.name) == official_shapes(conversion.config):
             provenance.official_name, provenance.base_model = row.name, row.base_model
     if head is not None:
-        provenance.head_file, provenance.head_sha256 = head.name, sha256(head, progress)
+        provenance.head_file, provenance.head_sha256 = head.name, sha256(head, progress) if hash_files else None
     return provenance
 
 
-def verify_folder(
-    folder: Path, conversion: Conversion, source_state: dict[str, torch.Tensor], source: Path
-) -> tuple[Parity, list[tuple[int, int]], float]:
-    """Reload the written folder and compare every token with an independent implementation.
+def source_reference(
+    conversion: Conversion, source_state: dict[str, torch.Tensor], source: Path
+) -> tuple[torch.nn.Module, str, str]:
+    """The source's own implementation to compare a conversion with, its short name and what it was built from.
 
-    Returns the parity at the worst size, the sizes compared and the tolerance of the stored dtype.
+    transformers folders: transformers' model of the folder itself; timm folders: timm's model of the architecture
+    their config.json names; bare state dicts, which record no head count, timm with the conversion's architecture.
     """
+    config, source_format = conversion.config, conversion.source_format
+    if source_format in ("transformers", "dinov3-transformers"):
+        return transformers_reference(source), "transformers", "the source folder's own config.json"
+    folder_config = source_folder_config(source)
+    architecture = timm_architecture(folder_config)
+    if timm_source_heads(source, folder_config, config.hidden_size) is not None:
+        size = None if config.uses_rope else config.image_size
+        try:
+            reference = timm_folder_reference(source, source_state, size)
+        except (RuntimeError, ValueError, TypeError, KeyError) as error:
+            raise UserError(f"--verify: timm cannot build the source's {architecture}: {_first_line(error)}") from None
+        return reference, "timm", f"timm's {architecture} as the source's config.json defines it"
+    built = "the converted architecture (the checkpoint records no head count)"
+    if conversion.guessed_heads:
+        built += f": num_attention_heads={config.num_attention_heads} is the same guess there and goes unchecked"
+    if source_format.startswith("dinov3"):
+        return timm_dinov3_reference(source_state, source_format, config), "timm", built
+    return timm_reference(source_state, source_format, config), "timm", built
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def verify_folder(folder: Path, conversion: Conversion, source_state: dict[str, torch.Tensor], source: Path) -> Parity:
+    """Reload the written folder and compare every token with the source's own implementation at the native size and
+    two others; UserError naming the worst size when the difference relative to the largest token value exceeds
+    the tolerance of the stored dtype. Returns the parity at the worst size."""
     from transformers import AutoModel, AutoModelForImageClassification
 
     config = conversion.config
-    if conversion.source_format in ("transformers", "dinov3-transformers"):
-        reference, name = transformers_reference(source), "transformers"
-    elif conversion.source_format.startswith("dinov3"):
-        reference, name = timm_dinov3_reference(source_state, conversion.source_format, config), "timm"
-    else:
-        reference, name = timm_reference(source_state, conversion.source_format, config), "timm"
+    reference, name, built = source_reference(conversion, source_state, source)
     # The references resize position embeddings without DINOv2's 0.1 offset: compare those models at the native size.
     sizes = comparison_sizes(config, native_only=bool(config.interpolate_offset))
     if "classifier.weight" in conversion.state_dict:
         model = AutoModelForImageClassification.from_pretrained(folder).vitreg  # the tokens come from the backbone
     else:
         model = AutoModel.from_pretrained(folder)
-    stored_dtype = model.dtype
-    differences = max_token_difference(model.float().eval(), reference, sizes)
-    worst_size = max(differences, key=differences.get)
-    return Parity(name, differences[worst_size], worst_size), sizes, TOLERANCE[stored_dtype]
+    tolerance = TOLERANCE[model.dtype]
+    differences = token_differences(model.float().eval(), reference, sizes)
+    relative = {size: difference / max(scale, 1e-12) for size, (difference, scale) in differences.items()}
+    worst = max(relative, key=lambda size: math.inf if math.isnan(relative[size]) else relative[size])
+    difference, listed = differences[worst][0], ", ".join(f"{h}x{w}" for h, w in sizes)
+    logger.info(
+        f"verify: max abs difference {difference:.3g} ({relative[worst]:.2g} of the largest token value) vs {name}, "
+        f"built from {built}, over every token ({listed})"
+    )
+    if not relative[worst] <= tolerance:  # NaN fails too
+        height, width = worst
+        raise UserError(
+            f"verification failed at {height}x{width}: the tokens differ from {name}'s by {difference:.3g}, "
+            f"{relative[worst]:.2g} of the largest token value (tolerance {tolerance:g}); nothing was written"
+        )
+    return Parity(name, difference, worst)
 
 
-def check_verifiable(conversion: Conversion) -> None:
+def check_verifiable(conversion: Conversion, source: Path) -> None:
     """Refuse `--verify` up front when its reference implementation (timm) is not installed or lacks the model."""
     if conversion.source_format in ("transformers", "dinov3-transformers"):
         return  # compared with transformers' own model of the folder
@@ -217,6 +298,9 @@ def check_verifiable(conversion: Conversion) -> None:
             "--verify compares every token with timm, which is not installed: pip install 'vitreg[convert]' "
             "(or convert without --verify)"
         )
+    folder_config = source_folder_config(source)
+    if timm_source_heads(source, folder_config, conversion.config.hidden_size) is not None:
+        return  # timm's own model of the source's architecture
     problem = timm_dinov3_unsupported(conversion.config) if conversion.source_format.startswith("dinov3") else None
     if problem:
         raise UserError(f"--verify compares every token with timm, whose DINOv3 model has no {problem}")
@@ -232,19 +316,26 @@ def convert(
     dtype: str | torch.dtype | None = None,
     num_heads: int | None = None,
     verify: bool = False,
+    interpolation: str = "source",
     progress: bool = True,
 ) -> Path:
-    """Convert a DINOv2 (hub or training), timm or transformers checkpoint into a Hub-ready ViTReg folder.
+    """Convert a DINOv2 (hub or training), DINOv3, timm or transformers checkpoint into a Hub-ready ViTReg folder.
 
     `source`: a file or folder, an official DINOv2 name (`dinov2_vitl14_reg4`; `dinov2_vitl14_reg4_lc` with its
     linear4 head), fetched into torch's hub cache, or a Hub repo id at `revision`, fetched into the Hub cache.
     `head` adds an official `*_linear_head.pth` / `*_linear4_head.pth` classifier (ImageNet-1k labels);
-    `dtype` ("float32", "float16", "bfloat16") casts the weights; `num_heads` overrides heads = width / 64;
-    `verify` reloads the folder and compares every token with timm / transformers, raising UserError beyond
-    tolerance. The folder appears only when complete; a non-empty `output_dir` needs `overwrite`.
+    `dtype` ("float32", "float16", "bfloat16") casts the weights; `num_heads` gives a head count the source does not
+    record (default: width / 64, as in DINOv2, and said so); `interpolation`: `source` keeps the source's own
+    position interpolation (a transformers folder keeps its function at every size), `dinov2` takes DINOv2's
+    official one. `verify` compares every token of the written folder with the source's own implementation (timm
+    / transformers) before the folder appears, raising UserError beyond tolerance. The folder keeps the source's
+    own `preprocessor_config.json`, if any. It appears only when complete (and verified); a non-empty `output_dir`
+    needs `overwrite`.
     """
     output_dir = Path(output_dir)
-    check_output_dir(output_dir, overwrite)  # refuse before any heavy work
+    check_interpolation(interpolation)
+    inputs = [Path(str(path)).expanduser() for path in (source, head) if path is not None]
+    check_output_dir(output_dir, overwrite, inputs)  # refuse before any heavy work
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
@@ -255,17 +346,17 @@ def convert(
             raise UserError(f"{resolved.name} brings its own linear head: drop --head")
         head = resolved.head
     source = resolved.path
-    conversion, source_state = read_source(source, num_heads)
+    conversion, source_state = read_source(source, num_heads, interpolation)
     if verify:
-        check_verifiable(conversion)
+        check_verifiable(conversion, source)
     if head is not None:
         head = Path(head)
         weights, num_layers = load_official_head(head, conversion.config.hidden_size)
         labels = imagenet_labels(weights["classifier.weight"].shape[0])
         conversion = attach_head(conversion, weights, num_layers, labels)
-    for note in conversion.notes:
-        logger.info(f"note: {note}")
     model, state_dict = meta_model(conversion)  # nothing materialised: the weights stream from the mapped source
+    for note in conversion.notes:  # once the checkpoint is known to fit its architecture
+        logger.info(f"note: {note}")
     if dtype is not None:
         model.to(dtype)  # on the meta device: sets the dtype config.json records
     provenance = provenance_of(source, conversion, head, progress)
@@ -281,23 +372,25 @@ def convert(
         total_parameters=model.num_parameters(),
         progress=progress,
     )
-    save_model_folder(model, output_dir, provenance, overwrite=overwrite, write_weights=write_weights)
-    if verify:
-        _verify_and_record(output_dir, conversion, source_state, source, provenance)
+
+    def write_and_verify(staging: Path) -> None:
+        # In the staging folder, before it takes the output's place: a failed check leaves nothing behind.
+        write_weights(staging)
+        if verify:
+            provenance.parity = verify_folder(staging, conversion, source_state, source)
+
+    # The source's own preprocessing, if it has any (a transformers folder or Hub repo), else the default policy.
+    processor = folder_processor(source if source.is_dir() else None, conversion.config, provenance)
+    save_model_folder(
+        model,
+        output_dir,
+        provenance,
+        overwrite=overwrite,
+        processor=processor,
+        write_weights=write_and_verify,
+        inputs=[*inputs, source, *([head] if head is not None else [])],
+    )
     return output_dir
-
-
-def _verify_and_record(
-    folder: Path, conversion: Conversion, source_state: dict, source: Path, provenance: Provenance
-) -> None:
-    parity, sizes, tolerance = verify_folder(folder, conversion, source_state, source)
-    listed = ", ".join(f"{h}x{w}" for h, w in sizes)
-    difference, reference = parity.max_abs_diff, parity.reference
-    logger.info(f"verify: max abs difference {difference:.3g} vs {reference} over every token ({listed})")
-    provenance.parity = parity
-    write_card(folder, provenance)
-    if parity.max_abs_diff > tolerance:
-        raise UserError(f"verification failed: difference {parity.max_abs_diff:.3g} exceeds {tolerance:g}")
 
 
 def official_files(source_dir: Path) -> list[tuple[str, Path, dict[str, Path]]]:
@@ -330,7 +423,7 @@ def convert_batch(source_dir: str | Path, output_dir: str | Path, *, overwrite: 
         jobs.append((backbone, output_dir / folder, None))
         jobs.extend((backbone, output_dir / f"{folder}-{kind}", head) for kind, head in heads.items())
     for _, target, _ in jobs:  # refuse before converting anything
-        check_output_dir(target, overwrite)
+        check_output_dir(target, overwrite, [source_dir])
     written = []
     for backbone, target, head in jobs:
         logger.info(f"{backbone.name}{' + ' + head.name if head else ''} -> {target}")
@@ -349,6 +442,11 @@ def export_official(
     """Write a ViTReg folder's backbone as an official state dict (`.pth`, or `.safetensors`): DINOv3's layout for a
     RoPE model, DINOv2's otherwise; `layout` ("dinov2" / "dinov3"), when given, must be that one."""
     vitreg_dir, output_file = Path(vitreg_dir), Path(output_file)
+    if output_file.suffix not in EXPORT_SUFFIXES:
+        raise UserError(
+            f"{output_file}: the official layout is a state dict: name the file .pth or .pt (torch.save, as the "
+            "official checkpoints) or .safetensors"
+        )
     folder_config = read_folder_config(vitreg_dir)
     if folder_config is None or folder_config.get("model_type") != ViTRegConfig.model_type:
         raise UserError(f"{vitreg_dir}: not a ViTReg folder (config.json with model_type 'vitreg')")

@@ -17,8 +17,9 @@ import torch
 from vitreg.core.errors import UserError
 from vitreg.model_cards.registry import DINOV3_BACKBONES
 from vitreg.modeling_vitreg import ViTRegConfig
+from vitreg.modeling_vitreg.modeling_vitreg import rope_periods
 
-from .layouts import Conversion, _depth, _fuse, _heads, _make_config, _mlp_shape, _tensor, rename
+from .layouts import Conversion, _depth, _fuse, _heads, _make_config, _mlp_shape, _tensor, guessed_heads_note, rename
 
 PERIODS, ROPE_BASE = "rope_embed.periods", 100.0
 BIAS_MASK = re.compile(r"blocks\.(\d+)\.attn\.qkv\.bias_mask")
@@ -101,7 +102,8 @@ def dinov3_config(name: str, **overrides) -> ViTRegConfig:
     row = DINOV3_BACKBONES.get(name) or DINOV3_BACKBONES.get(f"{name}_lvd1689m")
     if row is None:
         raise UserError(f"unknown DINOv3 backbone {name!r}; known: {', '.join(DINOV3_BACKBONES)}")
-    return _make_config(**{**row.config_fields(), **overrides})
+    # Every official checkpoint carries a mask token (iBOT's), exported back unchanged.
+    return _make_config(**{**row.config_fields(), "use_mask_token": True, **overrides})
 
 
 def official_shapes(config: ViTRegConfig) -> dict[str, tuple[int, ...]]:
@@ -180,7 +182,7 @@ def random_dinov3_state_dict(
     def value(key: str, shape: tuple[int, ...]) -> torch.Tensor:
         noise = torch.randn(*shape, generator=generator)
         if key == PERIODS:
-            return config.rope_periods()
+            return rope_periods(config)
         if key.endswith("bias_mask"):
             return bias_mask(shape[0])
         if key.endswith(".weight") and len(shape) > 1:  # unit-variance outputs keep every block relevant
@@ -224,7 +226,7 @@ def rope_settings(periods: torch.Tensor, dim: int) -> tuple[dict, list[str]]:
         {"rope_theta": None, "rope_min_period": periods[0].item(), "rope_max_period": periods[-1].item()},
     ]
     for rope in candidates:
-        expected = _make_config(hidden_size=dim, position_embedding_type="rope", **fields, **rope).rope_periods()
+        expected = rope_periods(_make_config(hidden_size=dim, position_embedding_type="rope", **fields, **rope))
         if torch.allclose(periods, expected, rtol=1e-5, atol=0):
             return {**fields, **rope}, []
         if torch.equal(periods, expected.bfloat16().float()):
@@ -419,7 +421,11 @@ def convert_dinov3_timm(state_dict: dict[str, torch.Tensor], num_heads: int | No
         raise UserError(f"width {dim} with {heads} heads: the head dimension must be a multiple of 4 (RoPE)")
     notes = [f"RoPE: base {ROPE_BASE:g} as timm's *_dinov3 builders (timm checkpoints keep no periods)"]
     fields = dict(num_attention_heads=heads, rope_theta=ROPE_BASE, rope_rescale_coords=None, mask_k_bias=mask_k_bias)
-    return _conversion(converted, names, "dinov3-timm", notes, **fields)
+    conversion = _conversion(converted, names, "dinov3-timm", notes, **fields)
+    if num_heads is None and not official:
+        conversion.notes.append(guessed_heads_note(conversion.config))
+        conversion.guessed_heads = True
+    return conversion
 
 
 # --- Writing ---------------------------------------------------------------------------------------------------------
@@ -440,7 +446,7 @@ def to_dinov3(state_dict: dict[str, torch.Tensor], config: ViTRegConfig) -> dict
             split[key] = tensor
     exported = rename(split, EXPORT_RULES)
     dtype = exported["cls_token"].dtype
-    exported[PERIODS] = config.rope_periods().to(getattr(torch, config.rope_periods_dtype))
+    exported[PERIODS] = rope_periods(config).to(getattr(torch, config.rope_periods_dtype))
     exported.setdefault("mask_token", torch.zeros(1, config.hidden_size, dtype=dtype))
     exported["mask_token"] = exported["mask_token"].reshape(1, -1)
     if config.qkv_bias and config.mask_k_bias:

@@ -14,7 +14,7 @@ import torch
 from vitreg.core.errors import UserError
 from vitreg.modeling_vitreg import ViTRegConfig
 
-from .architectures import interpolation
+from .architectures import INTERPOLATIONS, interpolation, match_official, transformers_interpolation
 from .heads import imagenet_labels
 from .streaming import Concat
 
@@ -110,6 +110,7 @@ class Conversion:
     source_format: str
     notes: list[str] = field(default_factory=list)
     source_names: dict[str, str] = field(default_factory=dict)  # ViTReg name -> the source's name, for messages
+    guessed_heads: bool = False  # the head count is not in the source: width / 64 (a note says so)
 
 
 def rename(
@@ -208,6 +209,18 @@ def _heads(dim: int, num_heads: int | None) -> int:
     return num_heads
 
 
+def guessed_heads_note(config: ViTRegConfig) -> str:
+    """What to tell the user when the head count was not in the checkpoint but guessed from its width."""
+    width, heads = config.hidden_size, config.num_attention_heads
+    return f"guessed num_attention_heads={heads} from width {width} (DINOv2's width/64); pass --num-heads if wrong"
+
+
+def check_interpolation(name: str) -> None:
+    """Refuse an `--interpolation` other than `source` or `dinov2`."""
+    if name not in INTERPOLATIONS:
+        raise UserError(f"unknown interpolation {name!r}; choose one of {', '.join(INTERPOLATIONS)}")
+
+
 def _grid(num_positions: int, key: str) -> int:
     grid = math.isqrt(max(num_positions, 0))
     if grid == 0 or grid * grid != num_positions:
@@ -231,8 +244,19 @@ def _mlp_shape(state_dict: dict[str, torch.Tensor], block: str, names: tuple[str
     return hidden, rows == 2 * hidden
 
 
-def convert_vit(state_dict: dict[str, torch.Tensor], source_format: str, num_heads: int | None = None) -> Conversion:
-    """DINOv2 (hub or training) or timm layout -> ViTReg, with the architecture read off the shapes."""
+def convert_vit(
+    state_dict: dict[str, torch.Tensor],
+    source_format: str,
+    num_heads: int | None = None,
+    interpolation_from: str = "source",
+) -> Conversion:
+    """DINOv2 (hub or training) or timm layout -> ViTReg, with the architecture read off the shapes.
+
+    `num_heads`: the head count (the checkpoint holds none: without it, width / 64, as every DINOv2, noted as a
+    guess unless the shapes are an official model's); `interpolation_from`: `source` (DINOv2's for DINOv2 files,
+    timm's own for timm's) or `dinov2` (DINOv2's official algorithm for any source).
+    """
+    check_interpolation(interpolation_from)
     patch = _tensor(state_dict, "patch_embed.proj.weight", 4)  # [D, C, p, p]
     dim, channels, patch_size = patch.shape[0], patch.shape[1], patch.shape[2]
     if patch.shape[2] != patch.shape[3]:
@@ -256,6 +280,8 @@ def convert_vit(state_dict: dict[str, torch.Tensor], source_format: str, num_hea
         # timm's DINOv2 ViTs without registers keep the official 0.1-offset interpolation; all others use timm's own.
         dinov2_like = num_registers == 0 and use_cls and patch_size == 14
         family = interpolation(0) if dinov2_like else {"interpolate_antialias": True, "interpolate_offset": 0.0}
+    if interpolation_from == "dinov2":
+        family = interpolation(num_registers)
     grid = _grid(num_positions - int(cls_position), "pos_embed")
     fc_norm = "fc_norm.weight" in state_dict
     config = _make_config(
@@ -290,6 +316,9 @@ def convert_vit(state_dict: dict[str, torch.Tensor], source_format: str, num_hea
         converted = {swiglu_name(key): value for key, value in converted.items()}
         names = {swiglu_name(key): value for key, value in names.items()}
     notes = []
+    guessed = num_heads is None and (source_format == "timm" or match_official(config) is None)
+    if guessed:
+        notes.append(guessed_heads_note(config))
     if "classifier.weight" in converted and fc_norm:
         # timm's head on the fc-normed mean patch token is exactly ViTReg's classifier with use_fc_norm.
         config.num_labels = converted["classifier.weight"].shape[0]
@@ -301,7 +330,7 @@ def convert_vit(state_dict: dict[str, torch.Tensor], source_format: str, num_hea
         converted.pop("classifier.weight")
         converted.pop("classifier.bias", None)
         notes.append("dropped timm's CLS-token classifier head (ViTReg's head also reads the mean patch token)")
-    return Conversion(config, converted, source_format, notes, names)
+    return Conversion(config, converted, source_format, notes, names, guessed_heads=guessed)
 
 
 def _fuse(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | Concat]:
@@ -327,10 +356,21 @@ def _fuse(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | Conca
 
 
 def convert_transformers(
-    state_dict: dict[str, torch.Tensor], folder_config: dict | None, num_heads: int | None = None
+    state_dict: dict[str, torch.Tensor],
+    folder_config: dict | None,
+    num_heads: int | None = None,
+    interpolation_from: str = "source",
 ) -> Conversion:
-    """transformers Dinov2 / Dinov2WithRegisters (model folder) -> ViTReg."""
+    """transformers Dinov2 / Dinov2WithRegisters (model folder) -> ViTReg.
+
+    `interpolation_from`: `source` resizes positions as transformers' model does (the folder keeps its function at
+    every size), `dinov2` as DINOv2's official code (they differ only without registers: the 0.1 offset).
+    """
+    check_interpolation(interpolation_from)
     folder_config = folder_config or {}
+    heads = folder_config.get("num_attention_heads")
+    if num_heads is not None and heads is not None and num_heads != heads:
+        raise UserError(f"--num-heads {num_heads} contradicts config.json ({heads} heads)")
     names = {}
     converted = _fuse(rename(state_dict, TRANSFORMERS_RULES, names))
     patch = _tensor(converted, "embeddings.patch_embeddings.projection.weight", 4)
@@ -346,7 +386,7 @@ def convert_transformers(
     config = _make_config(
         hidden_size=dim,
         num_hidden_layers=depth,
-        num_attention_heads=num_heads or folder_config.get("num_attention_heads") or _heads(dim, None),
+        num_attention_heads=_heads(dim, num_heads) if num_heads else heads or _heads(dim, None),
         intermediate_size=hidden,
         use_swiglu_ffn=swiglu,
         hidden_act=folder_config.get("hidden_act", "gelu"),
@@ -358,12 +398,23 @@ def convert_transformers(
         layerscale_value=1.0 if f"{block}.layer_scale1.lambda1" in converted else None,
         qkv_bias=f"{block}.attention.qkv.bias" in converted,
         use_mask_token="embeddings.mask_token" in converted,
-        **interpolation(num_registers),
+        **(interpolation if interpolation_from == "dinov2" else transformers_interpolation)(num_registers),
     )
     notes = []
-    if not num_registers:
-        notes.append("interpolation: DINOv2's official 0.1-offset path (transformers' Dinov2Model resizes without it)")
-    return Conversion(config, converted, "transformers", notes, names)
+    guessed = num_heads is None and heads is None
+    if guessed:
+        notes.append(guessed_heads_note(config))
+    if not num_registers and interpolation_from == "dinov2":
+        notes.append(
+            "interpolation: DINOv2's official 0.1-offset path: off the native size the tokens differ from "
+            "transformers' Dinov2Model, which resizes without it (--interpolation source keeps transformers')"
+        )
+    elif not num_registers:
+        notes.append(
+            "interpolation: transformers' (bicubic to the target size, no offset), as the source computes; DINOv2's "
+            "official code adds a 0.1 offset (--interpolation dinov2)"
+        )
+    return Conversion(config, converted, "transformers", notes, names, guessed_heads=guessed)
 
 
 def to_dinov2(state_dict: dict[str, torch.Tensor], config: ViTRegConfig) -> dict[str, torch.Tensor]:

@@ -123,6 +123,47 @@ def timm_dinov3_reference(state_dict: dict[str, torch.Tensor], source_format: st
     return model.float()
 
 
+def timm_architecture(folder_config: dict | None) -> str | None:
+    """The timm architecture a timm folder or Hub repo names in its `config.json` (None for any other source)."""
+    if not folder_config or "model_type" in folder_config:
+        return None
+    architecture = folder_config.get("architecture")
+    return architecture if isinstance(architecture, str) else None
+
+
+def timm_source_model(folder: Path, image_size: int | None = None, meta: bool = False) -> nn.Module:
+    """timm's own model of a timm folder, built from the architecture and arguments its `config.json` records (any
+    input size, no classifier; `image_size`: that of its position table); empty on the meta device with `meta`.
+    Raises what timm raises for an architecture it does not know."""
+    import timm
+
+    size = {"img_size": image_size} if image_size else {}
+    with torch.device("meta" if meta else "cpu"):
+        model = timm.create_model(f"local-dir:{folder}", pretrained=False, num_classes=0, dynamic_img_size=True, **size)
+    return model.eval()
+
+
+def timm_source_heads(folder: Path, folder_config: dict | None, width: int) -> int | None:
+    """The head count of a timm folder's architecture as timm defines it; None without timm, a timm `config.json`,
+    an architecture this timm knows, or one whose width is not `width` (a config that does not describe the weights)."""
+    if timm_architecture(folder_config) is None or not timm_available():
+        return None
+    try:
+        model = timm_source_model(folder, meta=True)
+    except (RuntimeError, ValueError, TypeError, KeyError, OSError):
+        return None
+    if getattr(model, "embed_dim", None) != width or not getattr(model, "blocks", None):
+        return None
+    return getattr(getattr(model.blocks[0], "attn", None), "num_heads", None)
+
+
+def timm_folder_reference(folder: Path, state_dict: dict[str, torch.Tensor], image_size: int) -> nn.Module:
+    """timm's own model of a timm folder (architecture and arguments from its `config.json`) with its weights."""
+    model = timm_source_model(folder, image_size)
+    model.load_state_dict({key: v for key, v in state_dict.items() if not key.startswith("head.")}, strict=True)
+    return model.float()
+
+
 def transformers_reference(folder: str | Path) -> nn.Module:
     """transformers' own model of a Dinov2 / Dinov2WithRegisters / DINOv3ViT folder."""
     from transformers import AutoModel
@@ -139,9 +180,27 @@ def reference_tokens(reference: nn.Module, pixel_values: torch.Tensor) -> torch.
 
 
 def comparison_sizes(config: ViTRegConfig, native_only: bool = False) -> list[tuple[int, int]]:
-    """The native square size and a non-square one (224x308 at patch 14)."""
-    native = (config.image_size, config.image_size)
-    return [native] if native_only else [native, (16 * config.patch_size, 22 * config.patch_size)]
+    """The native square size, a larger non-square one (224x308 at patch 14) and a smaller one (126x98)."""
+    native, patch = (config.image_size, config.image_size), config.patch_size
+    return [native] if native_only else [native, (16 * patch, 22 * patch), (9 * patch, 7 * patch)]
+
+
+@torch.no_grad()
+def token_differences(
+    model: nn.Module, reference: nn.Module, sizes: list[tuple[int, int]], seed: int = 0
+) -> dict[tuple[int, int], tuple[float, float]]:
+    """Per image size: (max abs difference over every token of `model` and `reference`, largest abs value of the
+    reference's tokens), the second the scale a relative tolerance is taken of."""
+    generator = torch.Generator().manual_seed(seed)
+    differences = {}
+    for height, width in sizes:
+        pixels = torch.randn(1, model.config.num_channels, height, width, generator=generator)
+        ours = model(pixel_values=pixels).last_hidden_state.float()  # [1, P + HW, D]
+        theirs = reference_tokens(reference, pixels).float()
+        if ours.shape != theirs.shape:
+            raise ValueError(f"token shapes differ at {height}x{width}: {list(ours.shape)} vs {list(theirs.shape)}")
+        differences[(height, width)] = ((ours - theirs).abs().max().item(), theirs.abs().max().item())
+    return differences
 
 
 @torch.no_grad()
@@ -149,13 +208,4 @@ def max_token_difference(
     model: nn.Module, reference: nn.Module, sizes: list[tuple[int, int]], seed: int = 0
 ) -> dict[tuple[int, int], float]:
     """Max abs difference over every token (CLS, registers, patches) of `model` and `reference`, per image size."""
-    generator = torch.Generator().manual_seed(seed)
-    differences = {}
-    for height, width in sizes:
-        pixels = torch.randn(1, model.config.num_channels, height, width, generator=generator)
-        ours = model(pixel_values=pixels).last_hidden_state.float()
-        theirs = reference_tokens(reference, pixels).float()
-        if ours.shape != theirs.shape:
-            raise ValueError(f"token shapes differ at {height}x{width}: {list(ours.shape)} vs {list(theirs.shape)}")
-        differences[(height, width)] = (ours - theirs).abs().max().item()
-    return differences
+    return {size: difference for size, (difference, _) in token_differences(model, reference, sizes, seed).items()}

@@ -204,14 +204,17 @@ def test_transformers_dinov2_with_registers_folder_matches_transformers(tmp_path
     assert max(differences.values()) <= TOL, differences
 
 
-def test_transformers_dinov2_folder_uses_the_official_interpolation(tmp_path, monkeypatch):
+def test_transformers_dinov2_folder_keeps_transformers_interpolation_or_takes_the_official_one(tmp_path, monkeypatch):
     folder, reference = transformers_folder(tmp_path, registers=False)
+    # By default the converted model resizes as transformers' does (tests/test_conversion_interpolation.py) ...
     conversion, _ = read_source(folder)
+    assert max(max_token_difference(build_model(conversion), reference, sizes(14, 518)).values()) <= TOL
+    # ... with interpolation="dinov2", as DINOv2's official code: transformers agrees only at the native size ...
+    conversion, _ = read_source(folder, interpolation="dinov2")
     model = build_model(conversion)
-    # At the native size transformers agrees exactly ...
     assert max_token_difference(model, reference, [(518, 518)])[(518, 518)] <= TOL
-    # ... elsewhere transformers resizes without the 0.1 offset: the converted model follows the official algorithm,
-    # checked against timm running the official resampler on the same weights.
+    # ... and elsewhere the converted model follows the official algorithm, checked against timm running the
+    # official resampler on the same weights.
     official = timm_vit.VisionTransformer(
         img_size=518,
         patch_size=14,

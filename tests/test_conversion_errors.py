@@ -106,10 +106,16 @@ def test_non_empty_output_is_refused_and_untouched(checkpoint, tmp_path, capsys)
     (out / "mine.txt").write_text("keep me")
     assert main(["convert", str(checkpoint), str(out)]) == 1
     assert "--overwrite" in capsys.readouterr().err
+    # A folder vitreg did not write is not replaced even with --overwrite.
+    assert main(["convert", str(checkpoint), str(out), "--overwrite", "--no-progress"]) == 1
+    assert "did not write" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
-    assert main(["convert", str(checkpoint), str(out), "--overwrite", "--no-progress"]) == 0
-    assert not (out / "mine.txt").exists() and (out / "model.safetensors").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no temporary folder left
+    (out / "mine.txt").unlink()
+    assert main(["convert", str(checkpoint), str(out), "--no-progress"]) == 0
+    (out / "model.safetensors").write_bytes(b"stale")
+    assert main(["convert", str(checkpoint), str(out), "--overwrite", "--no-progress"]) == 0  # its own output
+    assert (out / "model.safetensors").read_bytes() != b"stale"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no temporary or .old- folder left
 
 
 def test_folder_contents_provenance_and_verify(checkpoint, tmp_path, capsys):
@@ -203,12 +209,14 @@ def test_verify_fails_loudly_when_the_reference_disagrees(checkpoint, tmp_path, 
     def nudged_reference(*args):
         reference = real_reference(*args)
         with torch.no_grad():
-            reference.blocks[0].attn.proj.bias.add_(1e-3)
+            reference.blocks[0].attn.proj.bias.add_(1e-2)
         return reference
 
     monkeypatch.setattr(converter, "timm_reference", nudged_reference)
     assert main(["convert", str(checkpoint), str(tmp_path / "out"), "--verify", "--no-progress"]) == 1
-    assert "verification failed" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "verification failed at " in err and "nothing was written" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no folder, complete or partial, left behind
 
 
 def test_legacy_pickle_format_and_nested_state_dict(tmp_path):

@@ -18,6 +18,7 @@ from vitreg.cli import main
 from vitreg.conversion import convert, dinov3_shapes, random_dinov3_state_dict, write_random_dinov3_checkpoint
 from vitreg.conversion.reference import max_token_difference
 from vitreg.model_cards.registry import DINOV3_BACKBONES
+from vitreg.modeling_vitreg.modeling_vitreg import rope_periods
 
 SIZES = [(224, 224), (160, 256), (512, 512)]  # native, non-square, larger than training
 TOLERANCE = 1e-5
@@ -274,8 +275,9 @@ def test_code_in_a_dinov3_pickle_is_refused_and_never_runs(tmp_path, capsys):
 
 
 def test_periods_stored_in_bfloat16_are_kept_as_the_official_code_uses_them(tmp_path):
-    from vitreg.conversion import load_backbone, read_source
+    from vitreg.conversion import read_source
     from vitreg.conversion.converter import export_official
+    from vitreg.core.opening import open_model
 
     # The released weights hold bfloat16-rounded periods, which DINOv3's RopePositionEmbedding loads and computes with.
     state = random_dinov3_state_dict("dinov3_vits16", hidden_size=64, num_hidden_layers=1)
@@ -286,8 +288,8 @@ def test_periods_stored_in_bfloat16_are_kept_as_the_official_code_uses_them(tmp_
     config = conversion.config
     assert (config.rope_theta, config.num_attention_heads, config.rope_periods_dtype) == (100, 1, "bfloat16")
     assert any("bfloat16" in note for note in conversion.notes)
-    torch.testing.assert_close(config.rope_periods(), rounded.float(), rtol=0, atol=0)
-    model, _ = load_backbone(tmp_path / "bf16.pth")  # converted in memory
+    torch.testing.assert_close(rope_periods(config), rounded.float(), rtol=0, atol=0)
+    model, _, _ = open_model(tmp_path / "bf16.pth")  # converted in memory
     sin, _ = model.embeddings.rotary(32, 48, torch.device("cpu"))
     coords = torch.tensor([2 * 1.5 / 2 - 1, 2 * 2.5 / 3 - 1])  # the last patch's centre, as DINOv3 maps it
     angles = (2 * math.pi * coords[:, None] / rounded.float()[None, :]).flatten().tile(2)
@@ -319,7 +321,7 @@ def test_periods_by_min_and_max_period_are_read_and_verify_says_why_it_cannot(tm
     state = random_dinov3_state_dict("dinov3_vits16", hidden_size=64, num_hidden_layers=1)
     periods = dict(rope_theta=None, rope_min_period=0.5, rope_max_period=50.0)
     config = dinov3_config("dinov3_vits16", hidden_size=64, num_attention_heads=1, **periods)
-    state["rope_embed.periods"] = config.rope_periods()
+    state["rope_embed.periods"] = rope_periods(config)
     torch.save(state, tmp_path / "src.pth")
     config = read_source(tmp_path / "src.pth")[0].config
     assert config.rope_theta is None
