@@ -1,6 +1,7 @@
 """Data: the resumable sampler with DeiT's repeated augmentation, and the streamed dataset read from a local folder
 (imagefolder or parquet files, offline), split between processes and DataLoader workers, resumed from its state."""
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -150,13 +151,32 @@ def test_a_stream_resumes_from_its_state_dict(num_workers, saved_at, parquet_fol
     path = tmp_path / "step"
     path.mkdir()
     torch.save(loader.state_dict(), path / checkpoint.data_state_file(1))  # as save_checkpoint writes it
+    layout = {"num_processes": 2, "num_workers": num_workers}
+    (path / checkpoint.STATE_FILE).write_text(json.dumps({"step": saved_at, **layout}))
 
     resumed = stream_loader(parquet_folder, 1, 2, num_workers=num_workers)
-    checkpoint.load_data_state(resumed, path, rank=1)
+    checkpoint.load_data_state(resumed, path, rank=1, num_processes=2)
     rest = [batch for _, batch in zip(range(10 - saved_at), resumed)]
     assert ids_and_seeds(first + rest) == ids_and_seeds(whole)
     with pytest.raises(UserError, match="data_state_0.pt"):
-        checkpoint.load_data_state(resumed, path, rank=0)
+        checkpoint.load_data_state(resumed, path, rank=0, num_processes=2)
+
+
+def test_stream_positions_fit_only_the_layout_that_saved_them(parquet_folder, tmp_path):
+    """Each (process, worker) pair reads its own part of a stream: positions saved by 2 workers of 2 processes are
+    refused, in one line saying what to pass, by another number of workers (torchdata would stop on a bare
+    AssertionError) or of processes."""
+    path = tmp_path / "step"
+    path.mkdir()
+    (path / checkpoint.STATE_FILE).write_text(json.dumps({"step": 2, "num_processes": 2, "num_workers": 2}))
+    for rank in range(2):
+        torch.save({}, path / checkpoint.data_state_file(rank))
+    with pytest.raises(
+        UserError, match="2 DataLoader workers per process, this run has --num_workers 1: resume with --num_workers 2"
+    ):
+        checkpoint.load_data_state(stream_loader(parquet_folder, 1, 2, num_workers=1), path, 1, num_processes=2)
+    with pytest.raises(UserError, match="2 processes, this run has 1: resume with accelerate launch --num_processes 2"):
+        checkpoint.load_data_state(stream_loader(parquet_folder, 0, 1), path, 0, num_processes=1)
 
 
 def test_a_hub_name_offline_is_refused_but_a_local_folder_is_not(image_folder):

@@ -1,8 +1,10 @@
-"""End-to-end pretraining runs on real photos: loss falls, export loads in a pipeline, non-finite loss and bad
-configs stop cleanly, two processes really train together, and a SIGKILLed run resumes to the same weights."""
+"""End-to-end pretraining runs on real photos: loss falls, export loads in a pipeline, non-finite loss, bad
+configs, corrupt images, unwritable folders and interrupts stop cleanly, two processes really train together, and a
+SIGKILLed run resumes to the same weights."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -223,9 +225,10 @@ def test_hub_dataset_offline_is_one_clear_line(tmp_path, capsys):
     assert err.count("\n") == 0 and "offline" in err and "--data_dir" in err
 
 
-def test_a_stream_from_a_local_folder_resumes_from_its_saved_position(photo_dir, tmp_path):
+def test_a_stream_from_a_local_folder_resumes_from_its_saved_position(photo_dir, tmp_path, capsys):
     """--dataset with a local imagefolder streams offline; a run resumed from a checkpoint restores each worker's
-    stream position from the checkpoint (data_state_0.pt) and ends on the weights of the uninterrupted run."""
+    stream position from the checkpoint (data_state_0.pt) and ends on the weights of the uninterrupted run. Another
+    number of workers cannot take over those positions: one line says which to pass (torchdata: AssertionError)."""
     flags = ["--max_steps", "4", "--checkpointing_steps", "2", "--logging_steps", "1", "--batch_size_per_device", "4"]
     flags += ["--num_workers", "2", "--shuffle_buffer_size", "0"]  # 2 readers of 4 photos: a new epoch every step
 
@@ -247,6 +250,14 @@ def test_a_stream_from_a_local_folder_resumes_from_its_saved_position(photo_dir,
     expected, actual = load_file(whole / name), load_file(resumed / name)
     assert max((expected[k] - actual[k]).abs().max().item() for k in expected) <= 1e-6
     assert [r["loss"] for r in metrics(resumed)] == pytest.approx([r["loss"] for r in metrics(whole)][2:], abs=1e-6)
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    capsys.readouterr()
+    other = tmp_path / "other"
+    assert pretrain.main(stream_command(other, "--resume_from_checkpoint", str(middle), "--num_workers", "1")) == 1
+    error = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(error) == 1 and error[0].endswith("this run has --num_workers 1: resume with --num_workers 2")
+    assert not other.exists()  # nothing was saved: nothing left to block the corrected command
 
 
 def subprocess_env() -> dict:
@@ -376,3 +387,132 @@ def test_a_finished_run_is_not_overwritten_by_accident(photo_dir, tmp_path, caps
     missing = ["--resume_from_checkpoint", str(tmp_path / "nowhere")]
     assert pretrain.main(command(photo_dir, out, "smoke-dinov2", *missing)) == 1
     assert "is not a checkpoint folder" in capsys.readouterr().err
+
+
+def test_a_folder_of_other_files_is_refused_even_with_overwrite(photo_dir, tmp_path, capsys):
+    """--overwrite replaces a run's checkpoints/ and model/: never those of a folder that holds no run."""
+    theirs = tmp_path / "theirs"
+    (theirs / "model").mkdir(parents=True)
+    (theirs / "thesis.tex").write_text("\\begin{document}")
+    for extra in ([], ["--overwrite"], ["--resume_from_checkpoint", "latest"]):
+        assert pretrain.main(command(photo_dir, theirs, "smoke-dinov2", "--max_steps", "1", *extra)) == 1
+        assert "holds files of no pretraining run (model, thesis.tex): name a new folder" in capsys.readouterr().err
+    assert sorted(p.name for p in theirs.iterdir()) == ["model", "thesis.tex"]
+
+
+@pytest.fixture
+def restore_progress_bars():
+    """--no-progress silences the libraries' bars for the whole process: give them back to the next tests."""
+    yield
+    import datasets
+    from huggingface_hub.utils import enable_progress_bars
+    from transformers.utils import logging
+
+    datasets.enable_progress_bars()
+    enable_progress_bars()
+    logging.enable_progress_bar()
+
+
+@pytest.fixture
+def truncated_photos(photo_dir, tmp_path) -> Path:
+    """The photos, one of them cut in half as an interrupted download leaves it."""
+    root = tmp_path / "photos"
+    shutil.copytree(photo_dir, root)
+    broken = root / "color" / "astronaut.jpg"
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])
+    return root
+
+
+@pytest.mark.parametrize("source, num_workers", [("--data_dir", 0), ("--data_dir", 2), ("--dataset", 2)])
+def test_a_truncated_jpeg_is_one_line_naming_it_and_leaves_nothing_behind(
+    truncated_photos, tmp_path, capsys, restore_progress_bars, source, num_workers
+):
+    """The image is decoded in a DataLoader worker (or in the main process): either way one line names the file,
+    and the run, stopped before its first checkpoint, leaves no run.json to refuse the corrected command."""
+    out = tmp_path / "run"
+    argv = ["pretrain", "--config", "smoke-dinov2", source, str(truncated_photos), "--output_dir", str(out)]
+    argv += ["--max_steps", "2", "--num_workers", str(num_workers), "--shuffle_buffer_size", "0", "--no-progress"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    broken = truncated_photos / "color" / "astronaut.jpg"
+    assert err.startswith(f"vitreg pretrain: error: cannot read the training image {broken} (image file is truncated")
+    assert not out.exists()
+
+
+def test_an_unwritable_output_location_is_one_line_before_any_work(photo_dir, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    unwritable = [tmp_path / "a_file" / "run"]  # a file where a folder must be
+    if os.geteuid() != 0:  # root writes through permission bits
+        read_only = tmp_path / "read-only"
+        read_only.mkdir()
+        read_only.chmod(0o555)
+        unwritable.append(read_only / "run")
+    for out in unwritable:
+        assert cli.main(["pretrain", *command(photo_dir, out, "smoke-dinov2")]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and err.startswith(f"vitreg pretrain: error: cannot create {out}"), err
+
+
+def test_pretrain_without_a_config_trains_the_defaults(photo_dir, tmp_path, restore_progress_bars):
+    """No --config: the default ViT/14 with 224 px global and 98 px local crops (96, DINOv2's patch-16 default, was
+    refused); only sizes that make it fast on a CPU are given."""
+    out = tmp_path / "run"
+    small = ["--model", "{hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 4}", "--local_crops_number", "2"]
+    small += ["--head_n_prototypes", "64", "--head_hidden_dim", "128", "--head_bottleneck_dim", "64"]
+    small += ["--batch_size_per_device", "2", "--max_steps", "1", "--num_workers", "0", "--no-progress"]
+    assert cli.main(["pretrain", "--data_dir", str(photo_dir), "--output_dir", str(out), *small]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["global_crop_size"] == 224 and run["config"]["local_crop_size"] == 98
+    model = json.loads((out / "model" / "config.json").read_text())
+    assert model["patch_size"] == 14 and model["image_size"] == 224
+
+
+@pytest.mark.parametrize("stop_at_step", [1, 3])
+def test_an_interrupt_says_how_to_resume(photo_dir, tmp_path, monkeypatch, capsys, restore_progress_bars, stop_at_step):
+    real = pretrain.train_step
+    steps = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        steps["n"] += 1
+        if steps["n"] == stop_at_step:
+            raise KeyboardInterrupt  # what Ctrl-C raises in the main process
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain, "train_step", interrupted)
+    out = tmp_path / "run"
+    argv = command(photo_dir, out, "smoke-dinov2", "--max_steps", "4", "--checkpointing_steps", "2", "--num_workers")
+    argv += ["0", "--no-progress"]
+    assert cli.main(["pretrain", *argv]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    if stop_at_step == 1:
+        assert err[0].startswith("pretrain: interrupted before the first checkpoint (checkpointing_steps 2)")
+        assert err[0].endswith("the same command starts the run again") and not out.exists()
+        return
+    last = out / "checkpoints" / "step_00000002"
+    assert err[0] == (
+        f"pretrain: interrupted; the last checkpoint is {last}: the same command with --resume_from_checkpoint "
+        "latest continues from it"
+    )
+    assert err[1] == "vitreg pretrain: interrupted"
+    monkeypatch.setattr(pretrain, "train_step", real)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert cli.main(["pretrain", *argv, "--resume_from_checkpoint", "latest"]) == 0
+    assert json.loads((out / "run.json").read_text())["start_step"] == 2 and (out / "model").is_dir()
+
+
+def test_outputs_take_the_umask_and_no_progress_draws_no_bar(photo_dir, tmp_path, capsys, restore_progress_bars):
+    """A teammate may read a run (checkpoints included: safetensors writes 0600 whatever the umask); --no-progress
+    leaves the log lines and no bar (the loop's, datasets' or transformers')."""
+    out = tmp_path / "run"
+    flags = ["--max_steps", "2", "--checkpointing_steps", "1", "--num_workers", "0", "--no-progress"]
+    previous = os.umask(0o027)
+    try:
+        assert cli.main(["pretrain", *command(photo_dir, out, "smoke-dinov2", *flags)]) == 0
+    finally:
+        os.umask(previous)
+    assert capsys.readouterr().err.strip().splitlines() == [f"pretrain: done, 2 steps; model in {out / 'model'}"]
+    modes = {str(path.relative_to(tmp_path)): path.stat().st_mode & 0o777 for path in [out, *out.rglob("*")]}
+    assert modes == {name: 0o750 if (tmp_path / name).is_dir() else 0o640 for name in modes}

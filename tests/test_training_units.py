@@ -156,12 +156,12 @@ def test_values_at_follows_the_dinov2_recipe():
 
 def test_param_groups_layerwise_decay_patch_embed_and_no_weight_decay():
     from vitreg.modeling_vitreg import ViTRegModel
-    from vitreg.training.objectives import DINOv2Student
+    from vitreg.training.objectives import DINOv2Objective, DINOv2Student
 
     config = TrainConfig(
         layerwise_decay=0.5, patch_embed_lr_mult=0.2, head_n_prototypes=16, head_hidden_dim=8, head_bottleneck_dim=4
     )
-    student = DINOv2Student(ViTRegModel(tiny_config()), config)
+    student = DINOv2Student(ViTRegModel(tiny_config(**DINOv2Objective.model_config_kwargs(config, None))), config)
     groups = schedules.param_groups(student, 2, config)
     lookup = {id(p): g for g in groups for p in g["params"]}
     named = dict(student.named_parameters())
@@ -251,7 +251,7 @@ def test_dinov2_student_sees_masked_global_crops_even_without_ibot():
     config = TrainConfig(
         head_n_prototypes=16, head_hidden_dim=8, head_bottleneck_dim=4, local_crops_number=0, ibot_loss_weight=0.0
     )
-    student = DINOv2Student(ViTRegModel(tiny_config()), config)
+    student = DINOv2Student(ViTRegModel(tiny_config(**DINOv2Objective.model_config_kwargs(config, None))), config)
     objective = DINOv2Objective(student, config)
     seen = []
     student.backbone.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs), with_kwargs=True)

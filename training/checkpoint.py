@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vitreg.core.errors import UserError
+from vitreg.core.folders import share_as_umask_allows
 
 PATTERN = re.compile(r"^step_(\d{8})$")
 OBJECTIVE_FILE = "objective.safetensors"
@@ -73,7 +74,10 @@ def save_checkpoint(
         state = {name: tensor.detach().cpu().contiguous() for name, tensor in objective.state_dict().items()}
         if state:
             save_file(state, staging / OBJECTIVE_FILE)
-        (staging / STATE_FILE).write_text(json.dumps({"step": step}))
+        # the data-loader layout a stream's positions belong to (load_data_state checks it on resume)
+        layout = {"num_processes": accelerator.num_processes, "num_workers": getattr(loader, "num_workers", 0)}
+        (staging / STATE_FILE).write_text(json.dumps({"step": step, **layout}))
+        share_as_umask_allows(staging)
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
         for old in list_checkpoints(output_dir)[:-keep]:
@@ -92,12 +96,26 @@ def load_checkpoint(accelerator: Accelerator, objective: nn.Module, path: Path) 
     return int(json.loads((path / STATE_FILE).read_text())["step"])
 
 
-def load_data_state(loader, path: Path, rank: int) -> None:
+def load_data_state(loader, path: Path, rank: int, num_processes: int) -> None:
     """Put a streamed dataset's `loader` back where checkpoint `path` left this process (no-op for a loader
-    without state: the image-folder sampler resumes from the step)."""
+    without state: the image-folder sampler resumes from the step). Each (process, worker) pair reads its own part
+    of the stream, so the positions fit only the layout that saved them."""
     if not hasattr(loader, "load_state_dict"):
         return
-    file = Path(path) / data_state_file(rank)
+    path = Path(path)
+    saved = json.loads((path / STATE_FILE).read_text()) if (path / STATE_FILE).is_file() else {}
+    # (checkpoints of older versions do not record the layout)
+    if saved.get("num_processes", num_processes) != num_processes:
+        raise UserError(
+            f"checkpoint {path} holds the stream positions of {saved['num_processes']} processes, this run has "
+            f"{num_processes}: resume with accelerate launch --num_processes {saved['num_processes']}"
+        )
+    if saved.get("num_workers", loader.num_workers) != loader.num_workers:
+        raise UserError(
+            f"checkpoint {path} holds the stream positions of {saved['num_workers']} DataLoader workers per process, "
+            f"this run has --num_workers {loader.num_workers}: resume with --num_workers {saved['num_workers']}"
+        )
+    file = path / data_state_file(rank)
     if not file.is_file():
         raise UserError(
             f"checkpoint {path} has no stream position for process {rank} ({file.name}): resume a streamed run "

@@ -107,7 +107,9 @@ class TrainConfig:
     global_crop_size: int = option(224, "side of the global crops (the supervised crop)")
     global_crops_scale: tuple[float, float] = option((0.32, 1.0), "area range of the global RandomResizedCrop")
     local_crops_number: int = option(8, "local crops per image (DINOv2)")
-    local_crop_size: int = option(96, "side of the local crops (DINOv2)")
+    local_crop_size: int = option(
+        98, "side of the local crops (DINOv2), a multiple of the patch size: 98 for patch 14 as DINOv2's ViT/14 recipes"
+    )
     local_crops_scale: tuple[float, float] = option((0.05, 0.32), "area range of the local RandomResizedCrop")
     # DINOv2's GaussianBlur(p) hands torchvision's RandomApply 1 - p, so the released checkpoints were trained with
     # blur probabilities 0 / 0.9 / 0.5 (global crop 1 / global crop 2 / local crops); the paper states 1.0 / 0.1 / 0.5.
@@ -349,8 +351,10 @@ def validate_model(c: TrainConfig) -> None:
     if c.model.get("untie_global_and_local_cls_norm"):
         # DINOv3's trainer norms the local crops' CLS with it; ViTReg's trainers have no such path, so it would never
         # train (it exists for converted checkpoints to export back unchanged).
-        raise UserError("config model: untie_global_and_local_cls_norm is for converted DINOv3 checkpoints only; "
-                        "ViTReg's trainers norm every crop with the same norms (use untie_cls_and_patch_norms)")
+        raise UserError(
+            "config model: untie_global_and_local_cls_norm is for converted DINOv3 checkpoints only; "
+            "ViTReg's trainers norm every crop with the same norms (use untie_cls_and_patch_norms)"
+        )
 
 
 def model_config_kwargs(c: TrainConfig) -> dict:

@@ -1,12 +1,19 @@
 """Data: Hugging Face `datasets` (an imagefolder read whole, or a streamed local folder or Hub dataset), a sharded
 endless sampler that resumes at any step (with DeiT's repeated augmentation), a stream that resumes from its
-`state_dict`, augmentation in DataLoader workers seeded per sample, and the collate functions."""
+`state_dict`, decoding and augmentation in DataLoader workers seeded per sample, and the collate functions.
+
+An image that cannot be decoded (a truncated JPEG, a file that is no image) stops the run with one line naming the
+file: skipping it would shorten a batch or shift every later sample of the stream, and so change what a resumed run
+sees. The workers decode the images themselves (the image column is read undecoded) to know the file's name, and
+hand the failure to the training loop as a batch `{"unreadable": [...]}` rather than raising it: an exception
+raised in a worker reaches the main process wrapped in the worker's traceback."""
 
 import random
 import warnings
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
@@ -61,7 +68,32 @@ def load_images(config: TrainConfig):
             f"supervised training needs labels: the dataset has no {config.label_column!r} column "
             "(an imagefolder gets one from class subfolders)"
         )
+    feature = (images.features or {}).get(config.image_column)
+    if isinstance(feature, datasets.Image) and feature.decode:  # the workers decode it, naming unreadable files
+        images = images.cast_column(config.image_column, datasets.Image(decode=False))
     return images
+
+
+def decode_image(value) -> PIL.Image.Image:
+    """An RGB image from a `datasets` image value (`{"path", "bytes"}`, or an image already decoded)."""
+    import datasets
+
+    if not isinstance(value, PIL.Image.Image):
+        value = datasets.Image().decode_example(value)  # datasets' own decoding: EXIF rotation, Hub paths
+    return value.convert("RGB")  # loads the pixels: a truncated file fails here if not before
+
+
+def image_name(value, fallback: str) -> str:
+    """The file an image value came from, else `fallback` (images stored as bytes may have no file name)."""
+    path = value.get("path") if isinstance(value, dict) else getattr(value, "filename", None)
+    return str(path) if path else fallback
+
+
+def unreadable_error(names: list[str]) -> UserError:
+    """The one-line error of a batch holding images that cannot be decoded."""
+    names = list(dict.fromkeys(names))  # a small stream repeats its images within a batch
+    more = f" (and {len(names) - 1} more in the same batch)" if len(names) > 1 else ""
+    return UserError(f"cannot read the training image {names[0]}{more}: replace or remove it and run again")
 
 
 def class_names(images, label_column: str) -> list[str]:
@@ -131,19 +163,37 @@ class AugmentedImages(Dataset):
     def __getitem__(self, item: tuple[int, int]) -> dict:
         index, seed = item
         row = self.images[index]
-        sample = augment(self.transform, row[self.image_column], seed)
-        if self.label_column is not None:
+        sample = augment(self.transform, row[self.image_column], seed, f"row {index}")
+        if self.label_column is not None and "unreadable" not in sample:
             sample["label"] = int(row[self.label_column])
         return sample
 
 
-def augment(transform, image, seed: int) -> dict:
-    """Apply a random transform with the torch RNG seeded by `seed`, leaving the caller's RNG untouched."""
+def augment(transform, image, seed: int, where: str) -> dict:
+    """Decode `image` and apply a random transform with the torch RNG seeded by `seed`, leaving the caller's RNG
+    untouched; an image that cannot be decoded gives `{"unreadable": "FILE (reason)"}` (`where` names one without
+    a file)."""
+    try:
+        decoded = decode_image(image)
+    except Exception as error:  # PIL and datasets raise OSError, ValueError, SyntaxError, ... for corrupt files
+        return {"unreadable": f"{image_name(image, where)} ({error})"}
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)
-        sample = transform(image.convert("RGB"))
+        sample = transform(decoded)
     sample["seed"] = seed
     return sample
+
+
+class ReportUnreadable:
+    """Collate a batch, or pass on the names of its unreadable images as `{"unreadable": [...]}` for the training
+    loop to report (a class, not a closure: DataLoader workers started with spawn pickle it)."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, samples: list[dict]) -> dict:
+        unreadable = [sample["unreadable"] for sample in samples if "unreadable" in sample]
+        return {"unreadable": unreadable} if unreadable else self.collate(samples)
 
 
 class StreamedImages(IterableDataset):
@@ -197,8 +247,9 @@ class StreamedImages(IterableDataset):
                     self.transform,
                     row[self.image_column],
                     stream_sample_seed(self.seed, reader, self.epoch, self.count),
+                    f"example {self.count} of epoch {self.epoch} of stream reader {reader}",
                 )
-                if self.label_column is not None:
+                if self.label_column is not None and "unreadable" not in sample:
                     sample["label"] = int(row[self.label_column])
                 self.count += 1
                 yield sample

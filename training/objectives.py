@@ -77,8 +77,9 @@ class DINOv2Objective(nn.Module):
 
     @staticmethod
     def model_config_kwargs(config: TrainConfig, images) -> dict:
-        """What the objective adds to the student's ViTRegConfig: nothing (the mask token is on by default)."""
-        return {}
+        """What the objective adds to the student's ViTRegConfig: the mask token that replaces the masked patches of
+        the global crops (off by default in ViTRegConfig; the exported teacher keeps it, as DINOv2's checkpoints)."""
+        return dict(use_mask_token=True)
 
     @staticmethod
     def build_student(model_config: ViTRegConfig, config: TrainConfig) -> DINOv2Student:

@@ -3,6 +3,7 @@
     python -m vitreg.training.pretrain --config smoke-dinov2 --data_dir photos/ --output_dir runs/smoke
     accelerate launch --multi_gpu --num_processes 8 -m vitreg.training.pretrain --config vitl14-reg4-dinov2-imagenet ...
     vitreg pretrain --config FILE --data_dir DIR --output_dir DIR --resume_from_checkpoint latest
+    accelerate launch --config_file "$(vitreg pretrain --accelerate-config-path fsdp)" -m vitreg.training.pretrain ...
 
 The loop in `train` reads top to bottom: data -> model -> loss -> step -> log -> checkpoint, then the export.
 """
@@ -25,18 +26,39 @@ from transformers.utils import logging
 
 import vitreg
 from vitreg.core.errors import UserError
-from vitreg.core.flags import spellings
+from vitreg.core.flags import add_common_flags, apply_common_flags, spellings
+from vitreg.core.folders import writable_parent
 from vitreg.core.logs import show_library_logs
 from vitreg.core.provenance import Provenance
 from vitreg.modeling_vitreg import ViTRegConfig
 
 from . import checkpoint, data, schedules
-from .config import FIELDS, TrainConfig, base_type, choices, field_default, load_config, model_config_kwargs
+from .config import (
+    CONFIG_DIR,
+    FIELDS,
+    TrainConfig,
+    base_type,
+    choices,
+    field_default,
+    load_config,
+    model_config_kwargs,
+)
 from .flops import mfu, train_step_flops
 from .objectives import OBJECTIVES
 from .step import NonFiniteLoss, build_optimizer, train_step
 
 logger = logging.get_logger(__name__)
+
+ACCELERATE_CONFIG_DIR = CONFIG_DIR / "accelerate"  # package data: installed with vitreg[train]
+
+
+class PrintAccelerateConfig(argparse.Action):
+    """`--accelerate-config-path NAME`: print the installed file's path and exit, as `--version` does (so no
+    other flag is required)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(ACCELERATE_CONFIG_DIR / f"{values}.yaml")
+        parser.exit()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,10 +80,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="latest|PATH",
         help="continue a run from a checkpoint (default: none, a fresh run)",
     )
+    add_common_flags(parser, "overwrite", "no_progress")
     parser.add_argument(
-        *spellings("--overwrite"),
-        action="store_true",
-        help="start afresh in an output_dir that holds a run (default: off, such a folder is refused)",
+        *spellings("--accelerate_config_path"),
+        action=PrintAccelerateConfig,
+        choices=sorted(path.stem for path in ACCELERATE_CONFIG_DIR.glob("*.yaml")),
+        help="print the path of a shipped accelerate config and exit, for `accelerate launch --config_file "
+        '"$(vitreg pretrain --accelerate-config-path fsdp)" -m vitreg.training.pretrain ...` (copy it to edit it)',
     )
     overrides = parser.add_argument_group(
         "config overrides",
@@ -106,16 +131,28 @@ def parse_yaml_value(text: str):
 
 def run(args: argparse.Namespace) -> int:
     """Resolve the config (file, then flags) and train."""
+    apply_common_flags(args)  # --no-progress: also the bars of datasets and transformers
     overrides = {name: getattr(args, name) for name in FIELDS if getattr(args, name, None) is not None}
     config = load_config(args.config, overrides)
-    return train(config, Path(args.output_dir), args.resume_from_checkpoint, args.overwrite, args.config)
+    output_dir, progress = Path(args.output_dir), not args.no_progress
+    return train(config, output_dir, args.resume_from_checkpoint, args.overwrite, args.config, progress=progress)
 
 
 def check_output_dir(output_dir: Path, resume: str | None, overwrite: bool) -> None:
-    """Refuse to mix a new run into the folder of another one."""
+    """Refuse to mix a new run into the folder of another one, and to write into a folder of other files
+    (`--overwrite` replaces the run's checkpoints and model, which could be the user's own there)."""
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"--output_dir {output_dir} is a file")
-    if resume is None and not overwrite and (output_dir / "run.json").exists():
+    try:
+        names = sorted(path.name for path in output_dir.iterdir()) if output_dir.is_dir() else []
+    except OSError as error:
+        raise UserError(f"cannot read --output_dir {output_dir}: {error.strerror or error}") from None
+    if not names:
+        return
+    if "run.json" not in names:
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise UserError(f"--output_dir {output_dir} holds files of no pretraining run ({shown}): name a new folder")
+    if resume is None and not overwrite:
         raise UserError(f"{output_dir} already holds a run: pass --resume_from_checkpoint latest, or --overwrite")
 
 
@@ -141,7 +178,7 @@ def build_data(config: TrainConfig, images, patch_size: int, rank: int, world_si
         dataset = data.StreamedImages(images, transform, config, rank, world_size)
     else:
         dataset = data.AugmentedImages(images, transform, config.image_column, label)
-    return data.make_loader(dataset, collate, config, rank, world_size, start_step)
+    return data.make_loader(dataset, data.ReportUnreadable(collate), config, rank, world_size, start_step)
 
 
 def write_run_info(path: Path, config: TrainConfig, accelerator, model_config: ViTRegConfig, **extra) -> None:
@@ -205,8 +242,10 @@ def train(
     resume: str | None = None,
     overwrite: bool = False,
     config_file: str | None = None,
+    progress: bool = True,
 ) -> int:
-    """Run (or resume) a pretraining run into `output_dir`; returns 0 or raises UserError."""
+    """Run (or resume) a pretraining run into `output_dir`; returns 0 or raises UserError. A run that stops before
+    its first checkpoint leaves nothing behind, so the same command can start it again."""
     output_dir = Path(output_dir)
     check_output_dir(output_dir, resume, overwrite)
     # DDP must look for parameters a step leaves out of the graph (a separate iBOT head without the iBOT loss).
@@ -223,16 +262,52 @@ def train(
         kwargs_handlers=[ddp],
     )
     threads = torch.get_num_threads()
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
+    created = not output_dir.exists()
+    started_empty = created or not any(output_dir.iterdir())  # (else a run folder: check_output_dir)
     try:
-        return train_loop(accelerator, config, output_dir, resume, overwrite, config_file)
+        if accelerator.is_main_process:  # an unwritable location fails now, in one line, not after the data loads
+            writable_parent(output_dir / "run.json")
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        return train_loop(accelerator, config, output_dir, resume, overwrite, config_file, progress)
+    except BaseException as error:
+        if accelerator.is_main_process:
+            after_stop(output_dir, created, started_empty, config, interrupted=isinstance(error, KeyboardInterrupt))
+        raise
     finally:
         accelerator.end_training()  # also tears down the process group
         torch.set_num_threads(threads)
 
 
-def train_loop(accelerator, config, output_dir, resume, overwrite, config_file) -> int:
+def after_stop(output_dir: Path, created: bool, started_empty: bool, config: TrainConfig, interrupted: bool) -> None:
+    """After a run stopped early: if it started in an empty folder and saved no checkpoint, remove what it wrote
+    (nothing can resume from it, and its run.json would make the same command refuse the folder); after an
+    interrupt, say how to go on. (A run started with --overwrite in an old run's folder keeps its run.json: the same
+    command, --overwrite included, starts it again.)"""
+    if not output_dir.is_dir():  # it could not be created
+        return
+    saved = checkpoint.list_checkpoints(output_dir)
+    if not saved and started_empty:
+        for name in ("run.json", "metrics.jsonl"):
+            (output_dir / name).unlink(missing_ok=True)
+        for folder in (checkpoint.checkpoints_dir(output_dir), output_dir if created else None):
+            if folder is not None and folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+    if not interrupted:
+        return
+    if saved:
+        logger.warning(
+            f"pretrain: interrupted; the last checkpoint is {saved[-1]}: the same command with "
+            "--resume_from_checkpoint latest continues from it"
+        )
+    else:
+        logger.warning(
+            f"pretrain: interrupted before the first checkpoint (checkpointing_steps {config.checkpointing_steps}); "
+            "nothing was kept: the same command starts the run again"
+        )
+
+
+def train_loop(accelerator, config, output_dir, resume, overwrite, config_file, progress=True) -> int:
     """The run itself, on an Accelerator."""
     main = accelerator.is_main_process
     with accelerator.main_process_first():  # one process builds the datasets cache
@@ -262,6 +337,7 @@ def train_loop(accelerator, config, output_dir, resume, overwrite, config_file) 
             metrics_path.unlink(missing_ok=True)
         if overwrite and resume is None:  # a fresh run must never resume from the old run's checkpoints
             shutil.rmtree(checkpoint.checkpoints_dir(output_dir), ignore_errors=True)
+            shutil.rmtree(output_dir / "model", ignore_errors=True)  # nor leave its model beside the new run
         restart_metrics(metrics_path, start_step)
         write_run_info(
             output_dir / "run.json",
@@ -279,32 +355,37 @@ def train_loop(accelerator, config, output_dir, resume, overwrite, config_file) 
         config, images, model_config.patch_size, accelerator.process_index, accelerator.num_processes, start_step
     )
     if resumed_from is not None:  # a stream continues where it was saved (an image folder: from start_step)
-        checkpoint.load_data_state(loader, resumed_from, accelerator.process_index)
+        checkpoint.load_data_state(loader, resumed_from, accelerator.process_index, accelerator.num_processes)
     batches = iter(loader)
     peak_lr = config.peak_lr(accelerator.num_processes)
     global_batch = config.global_batch_size(accelerator.num_processes)
     flops_per_step = train_step_flops(config, model_config)
-    progress = tqdm(total=config.max_steps, initial=start_step, disable=not main, desc="pretrain", unit="step")
+    shown = main and progress  # --no-progress hides the bar, not the log lines
+    bar = tqdm(total=config.max_steps, initial=start_step, disable=not shown, desc="pretrain", unit="step")
     window_start, window_steps, saved_at, record = time.perf_counter(), 0, None, {}
     student.train()
     objective.train()
     for step in range(start_step, config.max_steps):
         # data: a batch from the workers, already augmented and collated
-        batch = {key: value.to(accelerator.device, non_blocking=True) for key, value in next(batches).items()}
+        batch = next(batches)
+        if "unreadable" in batch:  # an image the workers could not decode (data.ReportUnreadable)
+            bar.close()
+            raise data.unreadable_error(batch["unreadable"])
+        batch = {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
         values = schedules.values_at(step, config, peak_lr)
 
         # model, loss and step: forward, backward, per-module clipping, AdamW, EMA teacher (training/step.py)
         try:
             loss, parts = train_step(accelerator, student, objective, optimizer, batch, values, config.clip_grad)
         except NonFiniteLoss as error:
-            progress.close()
+            bar.close()
             last = checkpoint.list_checkpoints(output_dir)
             raise UserError(
                 f"the loss is not finite at step {step + 1} ({error}); stopped without saving, the last "
                 f"good checkpoint is {last[-1] if last else 'none'}: lower the lr or check the data"
             ) from None
         window_steps += 1
-        progress.update(1)
+        bar.update(1)
 
         # log: losses averaged over processes, throughput over the window since the last log
         done = step + 1
@@ -320,7 +401,7 @@ def train_loop(accelerator, config, output_dir, resume, overwrite, config_file) 
             if main:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
-                progress.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
+                bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
             if config.report_to:
                 accelerator.log(record, step=done)
             window_start, window_steps = time.perf_counter(), 0
@@ -331,7 +412,7 @@ def train_loop(accelerator, config, output_dir, resume, overwrite, config_file) 
                 accelerator, objective, output_dir, done, config.checkpoints_total_limit, loader
             )
             window_start = time.perf_counter()  # saving is not training time
-    progress.close()
+    bar.close()
 
     # export: the teacher backbone (DINOv2) or the classifier (supervised), as a ViTReg folder
     accelerator.wait_for_everyone()
@@ -358,6 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"pretrain: error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("pretrain: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
