@@ -1,7 +1,7 @@
 """Artifact analysis: high-norm tokens, CLS attention and LOST object discovery, with and without registers."""
 
 from .artifacts import ImageAnalysis, ModelAnalysis, analyze, analyze_image
-from .loading import collect_images, load_model
+from .loading import collect_images
 from .lost import LostError, LostResult, corloc, lost, lost_image, read_voc
 from .report import model_record, run_analysis
 from .threshold import auto_threshold
@@ -16,7 +16,6 @@ __all__ = [
     "auto_threshold",
     "collect_images",
     "corloc",
-    "load_model",
     "lost",
     "lost_image",
     "model_record",

@@ -1,7 +1,7 @@
 """High-norm artifact tokens and CLS attention of a ViTReg model over a set of images: the numbers of the report."""
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -10,13 +10,21 @@ from tqdm.auto import tqdm
 from transformers import BaseImageProcessor, PreTrainedModel
 
 from vitreg.core.errors import UserError
+from vitreg.core.images import check_image_size
 from vitreg.modeling_vitreg import split_tokens
 
 from .hooks import capture_last_qkv, cls_attention
-from .loading import check_image_size, named_images, preprocess, unnormalize
-from .threshold import auto_threshold
+from .loading import none_readable, preprocess, readable_images, unnormalize
+from .threshold import auto_threshold, check_threshold
 
 PHOTO_SIDE = 448
+
+
+def hidden_state(block: int) -> int:
+    """Where the output of block `block` (0-based) sits among the hidden states, whose 0 is the embeddings: the
+    layer axis of every per-layer array here, numbered as the model's `hidden_states` and `keep` (the conventions are
+    in modeling_vitreg's module docstring)."""
+    return block + 1
 
 
 @dataclass
@@ -28,13 +36,18 @@ class ImageAnalysis:
     norms: np.ndarray  # [h, w] output norm of every patch token
     cls_norm: float | None
     register_norms: np.ndarray  # [R]
-    layer_norms: np.ndarray  # [L + 1, h, w] un-normed patch-token norms: embeddings, then every block
+    # Per hidden state (0: the embeddings, `hidden_state(b)`: after block b), un-normed:
+    layer_norms: np.ndarray  # [L + 1, h, w] patch-token norms
     layer_cls_norms: np.ndarray  # [L + 1] (empty without a CLS token)
     layer_register_norms: np.ndarray  # [L + 1, R]
     cls_attention: np.ndarray | None  # [heads, h, w] last-layer attention of CLS to every patch
     cls_attention_registers: np.ndarray | None  # [heads, R] last-layer attention of CLS to every register
     threshold: float = 0.0
     outlier_mask: np.ndarray | None = None  # [h, w] bool, set by `mark_outliers`
+
+    def norms_after(self, block: int) -> np.ndarray:
+        """`[h, w]` un-normed patch-token norms after block `block` (0-based, counted from the first)."""
+        return self.layer_norms[hidden_state(block)]
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -68,7 +81,7 @@ class ImageAnalysis:
 
 @dataclass
 class ModelAnalysis:
-    """One model over all images: per-image results and the thresholds, pooled over images, of each layer."""
+    """One model over all images: per-image results and the thresholds, pooled over images, of each hidden state."""
 
     model: str
     num_register_tokens: int
@@ -76,18 +89,23 @@ class ModelAnalysis:
     threshold: float
     threshold_rule: str  # "auto" or "fixed"
     images: list[ImageAnalysis]
-    layer_thresholds: list[float]  # [L + 1] automatic threshold of the un-normed norms of each layer
+    layer_thresholds: list[float]  # [L + 1] automatic threshold of the un-normed norms of each hidden state
     num_test_time_registers: int = 0  # untrained registers after the trained ones (counted in the register norms)
+    skipped: list[list[str]] = field(default_factory=list)  # [name, reason] of each image that could not be read
+
+    def threshold_after(self, block: int) -> float:
+        """The automatic threshold of the un-normed patch-token norms after block `block` (0-based, from the first)."""
+        return self.layer_thresholds[hidden_state(block)]
 
     def layer_outlier_fractions(self) -> list[float]:
-        """Share of patch tokens above their layer's automatic threshold, pooled over images, per layer."""
+        """Share of patch tokens above their own automatic threshold, pooled over images, per hidden state."""
         return [
             float(np.mean(np.concatenate([a.layer_norms[layer].ravel() for a in self.images]) > cut))
             for layer, cut in enumerate(self.layer_thresholds)
         ]
 
     def layer_norm_ratios(self) -> list[float]:
-        """Largest over median patch-token norm, pooled over images, per layer."""
+        """Largest over median patch-token norm, pooled over images, per hidden state."""
         ratios = []
         for layer in range(len(self.layer_thresholds)):
             norms = np.concatenate([a.layer_norms[layer].ravel() for a in self.images])
@@ -115,7 +133,7 @@ def analyze_image(
     image_size: int | None = None,
     crop: bool = True,
 ) -> ImageAnalysis:
-    """Norms (output and per layer) and last-layer CLS attention of one image; outliers are marked later."""
+    """Norms (output and per hidden state) and last-layer CLS attention of one image; outliers are marked later."""
     config = model.config
     pixel_values = preprocess(processor, image, config.patch_size, image_size, crop)  # [1, 3, H, W]
     rows, cols = pixel_values.shape[-2] // config.patch_size, pixel_values.shape[-1] // config.patch_size
@@ -168,16 +186,23 @@ def analyze(
 ) -> ModelAnalysis:
     """Analyse `model` on `images` (paths or PIL images): norms, outliers (automatic or fixed threshold), attention.
 
-    `image_size` resizes the short side and center-crops square (518: the paper's 37x37 grid); `crop=False` keeps
-    the whole image instead; neither: the model's own preprocessing. One threshold per model, from the output norms
-    pooled over all images, so that images are compared on the same scale.
+    `image_size` is the side of the square the model sees (518: the paper's 37x37 grid at patch 14), taken as the
+    model's processor takes it (`vitreg.core.images.size_options`); `crop=False` keeps the whole image instead;
+    neither: the model's own preprocessing. One threshold per model, from the output norms pooled over all images, so
+    that images are compared on the same scale. Unreadable files are skipped and listed in `skipped`.
     """
     if image_size is not None:
         check_image_size(image_size, model.config.patch_size)
+    check_threshold(threshold)
     if not images:
         raise UserError("no images to analyse")
-    named = tqdm(named_images(images), total=len(images), desc="analysing", unit="image", disable=not progress)
+    skipped: list[list[str]] = []
+    named = tqdm(
+        readable_images(images, skipped), total=len(images), desc="analysing", unit="image", disable=not progress
+    )
     results = [analyze_image(model, processor, image, image_name, image_size, crop) for image_name, image in named]
+    if not results:
+        raise none_readable(skipped)
     pooled = np.concatenate([a.norms.ravel() for a in results])
     cut = auto_threshold(pooled) if threshold is None else float(threshold)
     mark_outliers(results, cut)
@@ -194,4 +219,5 @@ def analyze(
         images=results,
         layer_thresholds=layer_thresholds,
         num_test_time_registers=getattr(model.config, "num_test_time_registers", 0),
+        skipped=skipped,
     )

@@ -4,7 +4,7 @@ import argparse
 from pathlib import Path
 
 from vitreg.core.errors import UserError
-from vitreg.core.flags import spellings
+from vitreg.core.flags import add_common_flags, spellings
 
 from .lost import ALL_ANNOTATIONS, DEFAULT_SPLIT, FEATURES, LOST_PATCHES
 from .report import run_analysis
@@ -18,7 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="ViTReg folder or Hub repo, or any source vitreg convert reads (a DINOv2 / timm / transformers checkpoint "
         "or Hub repo such as facebook/dinov2-base, an official name such as dinov2_vitl14_reg4), converted in memory",
     )
-    parser.add_argument("images", metavar="IMAGE_OR_FOLDER", nargs="*", help="images, or folders of images")
+    parser.add_argument(
+        "images", metavar="IMAGE_OR_FOLDER", nargs="*", help="images, or folders of images (searched recursively)"
+    )
     parser.add_argument(
         *spellings("--output-dir"),
         "--out",
@@ -26,15 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="output folder: report.json, figures/, index.html",
     )
-    parser.add_argument(
-        *spellings("--image-size"),
-        type=int,
-        help="resize the short side to N and center-crop NxN (518: the paper's 37x37 grid)",
-    )
+    add_common_flags(parser, "image_size")  # 518 at patch 14: the paper's 37x37 grid
     parser.add_argument(
         *spellings("--no-crop"),
         action="store_true",
-        help="keep the whole image (no square crop; sides trimmed to patch multiples)",
+        help="keep the whole image: its short side resized to --image-size (default: the processor's), no square "
+        "crop, sides trimmed to patch multiples",
     )
     parser.add_argument(
         *spellings("--threshold"), type=float, help="fixed outlier norm (default: an automatic robust threshold)"
@@ -50,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         *spellings("--split"),
-        "--lost-split",
+        *spellings("--lost-split"),
         dest="split",
         metavar="NAME",
         default=DEFAULT_SPLIT,
@@ -64,17 +63,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=LOST_PATCHES,
         help="LOST's k: the seed is expanded among the K lowest-degree patches (default %(default)s)",
     )
-    parser.add_argument(*spellings("--revision"), help="branch, tag or commit of a Hub repo MODEL (default: main)")
-    parser.add_argument(*spellings("--device"), help="torch device for the models, e.g. cuda (default: cpu)")
-    parser.add_argument(*spellings("--overwrite"), action="store_true", help="replace a non-empty output folder")
+    parser.add_argument(
+        *spellings("--max-figures"),
+        metavar="N",
+        type=int,
+        help="draw the per-image figures of the first N images only (default: every image; all are in report.json)",
+    )
+    add_common_flags(parser, "revision", "device", "overwrite", "no_progress")
 
 
 def run(args: argparse.Namespace) -> int:
     """Analyse, write the report and print where it is."""
     if not args.images and args.lost is None:
         raise UserError("give at least one image or folder, or --lost VOC_ROOT")
-    if args.threshold is not None and args.threshold <= 0:
-        raise UserError(f"--threshold must be positive, got {args.threshold}")
     if args.lost_patches < 1:
         raise UserError(f"--lost-patches must be at least 1, got {args.lost_patches}")
     report = run_analysis(
@@ -91,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         revision=args.revision,
         overwrite=args.overwrite,
+        progress=not args.no_progress,
+        max_figures=args.max_figures,
     )
     for record in [report] + ([report["compare"]] if "compare" in report else []):
         if record.get("images"):
@@ -106,5 +109,10 @@ def run(args: argparse.Namespace) -> int:
             f"{run['model']}: LOST CorLoc {run['corloc']:.4f} over {run['num_images']} images "
             f"(split {run['split']}, {run['resolution']}, {run['features']}, k={run['k']})"
         )
+    lost_skipped = report["lost"][0]["skipped"] if report.get("lost") else []
+    for image, reason in report["skipped"] + lost_skipped:
+        print(f"skipped {image}: {reason}")
+    if report["skipped"] or lost_skipped:
+        print(f"{len(report['skipped']) + len(lost_skipped)} unreadable images skipped")
     print(f"report: {args.output_dir / 'report.json'}  figures: {args.output_dir / 'index.html'}")
     return 0

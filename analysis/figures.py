@@ -75,17 +75,17 @@ def histogram_figure(folder: Path, name: str, models: Sequence[ModelAnalysis]) -
 
 
 def layer_figure(folder: Path, name: str, models: Sequence[ModelAnalysis]) -> str:
-    """Per layer: share of high-norm patch tokens and largest / median norm, one line per model."""
+    """Per hidden state: share of high-norm patch tokens and largest / median norm, one line per model."""
     fig = Figure(figsize=(12, 4), layout="constrained")
     share, ratio = fig.subplots(1, 2)
     for model in models:
         layers = range(len(model.layer_thresholds))
         share.plot(layers, model.layer_outlier_fractions(), marker="o", label=_label(model))
         ratio.plot(layers, model.layer_norm_ratios(), marker="o", label=_label(model))
-    share.set_ylabel("outlier fraction (automatic threshold per layer)")
+    share.set_ylabel("outlier fraction (automatic threshold per hidden state)")
     ratio.set_ylabel("max / median patch-token norm")
     for ax in (share, ratio):
-        ax.set_xlabel("layer (0 = embeddings)")
+        ax.set_xlabel("hidden state (0: embeddings, i: after block i - 1)")
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend()
     return _save(fig, folder, name)

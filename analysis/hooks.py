@@ -11,23 +11,28 @@ from vitreg.modeling_vitreg.modeling_vitreg import apply_rope
 
 @contextmanager
 def capture_last_qkv(model: PreTrainedModel) -> Iterator[dict[str, torch.Tensor]]:
-    """Inside the block, `captured["qkv"]` holds the last block's fused qkv projection `[B, N, 3D]` (rows q | k | v)
-    as its attention computes it (DINOv3's masked key bias included, positions not yet rotated), and
-    `captured["rope"]` the `(sin, cos)` that attention rotates the patch queries and keys by (None without RoPE)."""
+    """Inside the block, `captured["qkv"]` holds the last block's fused qkv projection `[B, N, 3D]` (rows q | k | v):
+    the output of its `qkv` module, as its attention computes it (DINOv3's masked key bias included, positions not yet
+    rotated); and `captured["rope"]` the `(sin, cos)` that attention rotates the patch queries and keys by (None
+    without RoPE)."""
     captured: dict[str, torch.Tensor] = {}
+    attention = model.encoder.layer[-1].attention
 
-    def hook(module, args, kwargs, output):
-        hidden_states = args[0] if args else kwargs["hidden_states"]
-        # Recomputed from the block's input: the projection is one matmul, and with a masked key bias the attention
-        # calls F.linear itself, so a hook on its `qkv` Linear would never fire.
-        captured["qkv"] = module.project_qkv(hidden_states).detach()
+    def keep_rope(module, args, kwargs):
         captured["rope"] = kwargs.get("rope")
 
-    handle = model.encoder.layer[-1].attention.register_forward_hook(hook, with_kwargs=True)
+    def keep_qkv(module, args, output):
+        captured["qkv"] = output.detach()
+
+    handles = [
+        attention.register_forward_pre_hook(keep_rope, with_kwargs=True),
+        attention.qkv.register_forward_hook(keep_qkv),
+    ]
     try:
         yield captured
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 def split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,31 +1,31 @@
-"""Inputs of an analysis: a model from any source with its image processor, and images, refused clearly if unusable."""
+"""Inputs of an analysis: image files found in folders and read one at a time, the unreadable ones skipped and listed
+as `vitreg extract` does, and the model's own preprocessing with `--image-size`'s one meaning.
+
+Models are opened by `vitreg.core.opening.open_model`, as in every tool.
+"""
 
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from transformers import BaseImageProcessor, PreTrainedModel
+from transformers import BaseImageProcessor
 
-from vitreg.conversion.loading import load_backbone
 from vitreg.core.errors import UserError
-from vitreg.core.images import IMAGE_SUFFIXES
+from vitreg.core.images import IMAGE_SUFFIXES, check_image_size, size_options
 
-
-def load_model(name_or_path: str | Path, revision: str | None = None) -> tuple[PreTrainedModel, BaseImageProcessor]:
-    """Any model source as an eval-mode fp32 `ViTRegModel` and its image processor: a ViTReg folder or Hub repo, or a
-    DINOv2 / timm / transformers checkpoint, Hub repo or official DINOv2 name, converted in memory."""
-    return load_backbone(name_or_path, revision=revision)
+# What PIL raises on a damaged or foreign file (a truncated JPEG only when decoded: OSError in `convert`).
+DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def collect_images(paths: Iterable[str | Path]) -> list[Path]:
-    """Image files named directly or found (sorted, not recursively) in the named folders."""
+    """Image files named directly, or found in the named folders searched recursively and sorted (as extract does)."""
     files = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
-                raise UserError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+                raise UserError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)}), in no subfolder either")
             files.extend(found)
         elif path.is_file():
             files.append(path)
@@ -34,38 +34,48 @@ def collect_images(paths: Iterable[str | Path]) -> list[Path]:
     return files
 
 
+def read_image(path: str | Path) -> Image.Image:
+    """An image file decoded as RGB; raises one of DECODE_ERRORS for an unreadable one."""
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def unreadable(error: BaseException) -> str:
+    """Why an image could not be read, in one line (the reason `vitreg extract` lists)."""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {message}".strip().rstrip(":")
+
+
 def open_image(path: str | Path) -> Image.Image:
     """An image file as RGB, or a UserError naming the file."""
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as error:
-        raise UserError(f"{path} is not a readable image ({type(error).__name__})") from None
+        return read_image(path)
+    except DECODE_ERRORS as error:
+        raise UserError(f"{path} is not a readable image ({unreadable(error)})") from None
 
 
-def check_images(paths: Iterable[str | Path]) -> None:
-    """Refuse, before any model loads, a file that is not an image (reads only the headers)."""
-    for path in paths:
-        try:
-            with Image.open(path):
-                pass
-        except (UnidentifiedImageError, OSError) as error:
-            raise UserError(f"{path} is not a readable image ({type(error).__name__})") from None
-
-
-def named_images(images: Sequence[str | Path | Image.Image]) -> Iterator[tuple[str, Image.Image]]:
-    """`(name, RGB image)` pairs, opened one at a time: paths are named by the path, PIL images `image_<i>`."""
+def readable_images(
+    images: Sequence[str | Path | Image.Image], skipped: list[list[str]]
+) -> Iterator[tuple[str, Image.Image]]:
+    """`(name, RGB image)` of each readable item, opened one at a time (paths are named by the path, PIL images
+    `image_<i>`); an unreadable file is appended to `skipped` as `[name, reason]` and passed over."""
     for index, image in enumerate(images):
         if isinstance(image, Image.Image):
             yield f"image_{index}", image.convert("RGB")
-        else:
-            yield str(image), open_image(image)
+            continue
+        try:
+            decoded = read_image(image)
+        except DECODE_ERRORS as error:
+            skipped.append([str(image), unreadable(error)])
+            continue
+        yield str(image), decoded
 
 
-def check_image_size(image_size: int, patch_size: int) -> None:
-    """Refuse an `--image-size` that does not tile into whole patches."""
-    if image_size <= 0 or image_size % patch_size:
-        raise UserError(f"--image-size {image_size} is not a positive multiple of the patch size {patch_size}")
+def none_readable(skipped: Sequence[Sequence[str]]) -> UserError:
+    """The error when every image was unreadable: how many, and the first with its reason."""
+    name, reason = skipped[0]
+    others = f" (and the {len(skipped) - 1} other images)" if len(skipped) > 1 else ""
+    return UserError(f"{name} is not a readable image ({reason}){others}: nothing to analyse")
 
 
 def preprocess(
@@ -75,16 +85,12 @@ def preprocess(
     image_size: int | None = None,
     crop: bool = True,
 ) -> torch.Tensor:
-    """`[1, 3, H, W]`: the model's own preprocessing, or the short side resized to `image_size` and cropped square.
-
-    With `crop=False` the whole image is kept (short side resized, no square crop); any side that is not a multiple
-    of the patch size is center-trimmed to one, as DINOv2 does.
-    """
-    options: dict = {} if crop else {"do_center_crop": False}
+    """`[1, 3, H, W]`: the model's own preprocessing, with `--image-size` and `--no-crop` as every tool means them
+    (`vitreg.core.images.size_options`); a side that is not a multiple of the patch size is center-trimmed to one, as
+    DINOv2 does."""
     if image_size is not None:
         check_image_size(image_size, patch_size)
-        options["size"] = {"shortest_edge": image_size}
-        options["crop_size"] = {"height": image_size, "width": image_size}
+    options = size_options(processor, image_size, crop)
     pixel_values = processor(image, return_tensors="pt", **options)["pixel_values"]  # [1, 3, H, W]
     height, width = pixel_values.shape[-2:]
     rows, cols = height // patch_size, width // patch_size

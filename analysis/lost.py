@@ -36,7 +36,7 @@ from vitreg.core.errors import UserError
 from vitreg.modeling_vitreg import split_tokens
 
 from .hooks import capture_last_qkv, split_heads
-from .loading import open_image
+from .loading import DECODE_ERRORS, none_readable, read_image, unreadable
 
 logger = logging.get_logger(__name__)
 
@@ -221,13 +221,20 @@ def corloc(
     k: int = LOST_PATCHES,
     progress: bool = True,
 ) -> dict:
-    """LOST's CorLoc over a VOC folder's split: the share of images whose box has IoU >= 0.5 with a ground-truth box."""
+    """LOST's CorLoc over a VOC folder's split: the share of images whose box has IoU >= 0.5 with a ground-truth box.
+
+    An unreadable image is skipped and listed in `skipped` (`[path, reason]`), not counted.
+    """
     items = read_voc(voc_root, split)
     settings = lost_settings(model.config.patch_size, k)
     logger.info(f"LOST on {len(items)} images of {voc_root} ({split}): {', '.join(map(str, settings.values()))}")
-    results = []
+    results, skipped = [], []
     for path, boxes in tqdm(items, desc="LOST", unit="image", disable=not progress):
-        image = open_image(path)
+        try:
+            image = read_image(path)
+        except DECODE_ERRORS as error:
+            skipped.append([str(path), unreadable(error)])
+            continue
         entry = {"image": str(path), "size": [image.width, image.height], "gt_boxes": boxes}
         try:
             found = lost_image(model, processor, image, k)
@@ -245,6 +252,8 @@ def corloc(
                 "correct": bool((ious >= 0.5).any()),
             }
         )
+    if not results:
+        raise none_readable(skipped)
     return {
         "voc_root": str(voc_root),
         "split": split,
@@ -252,4 +261,5 @@ def corloc(
         "num_images": len(results),
         "corloc": sum(r["correct"] for r in results) / len(results),
         "images": results,
+        "skipped": skipped,
     }

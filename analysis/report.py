@@ -2,20 +2,22 @@
 
 import html
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from transformers import BaseImageProcessor, PreTrainedModel
+from tqdm.auto import tqdm
 
 from vitreg.core.errors import UserError
-from vitreg.core.folders import atomic_output_dir, check_output_dir
+from vitreg.core.folders import atomic_output_dir
+from vitreg.core.opening import model_name, open_model
 
 from .artifacts import ImageAnalysis, ModelAnalysis, analyze
 from .figures import histogram_figure, image_figure, layer_figure, lost_figure
-from .loading import check_images, collect_images, load_model
+from .loading import collect_images
 from .lost import DEFAULT_SPLIT, LOST_PATCHES, corloc, read_voc
+from .threshold import check_threshold
 
 # A folder, file, official name or Hub id, or an already loaded (model, processor) or (model, processor, name).
 ModelSource = str | Path | tuple
@@ -64,15 +66,16 @@ def image_record(analysis: ImageAnalysis, layer_thresholds: Sequence[float]) -> 
     }
 
 
-def emergence_layer(analysis: ModelAnalysis) -> int | None:
-    """The first hidden state (0 = embeddings) where at least half of the final outliers are already high-norm."""
+def emergence_hidden_state(analysis: ModelAnalysis) -> int | None:
+    """The first hidden state (0: the embeddings, i: after block i - 1) where at least half of the final outliers are
+    already high-norm."""
     final = np.concatenate([a.outlier_mask.ravel() for a in analysis.images])
     if not final.any():
         return None
-    for layer, cut in enumerate(analysis.layer_thresholds):
-        norms = np.concatenate([a.layer_norms[layer].ravel() for a in analysis.images])
+    for state, cut in enumerate(analysis.layer_thresholds):
+        norms = np.concatenate([a.layer_norms[state].ravel() for a in analysis.images])
         if (norms[final] > cut).mean() >= 0.5:
-            return layer
+            return state
     return None
 
 
@@ -100,10 +103,10 @@ def summary(analysis: ModelAnalysis) -> dict:
         "attention_on_registers": _mean(
             [None if a.attention_on_registers is None else a.attention_on_registers.mean() for a in images]
         ),
-        "emergence_layer": emergence_layer(analysis),
-        "layers": [
-            {"layer": layer, "threshold": cut, "outlier_fraction": fraction, "max_over_median": ratio}
-            for layer, (cut, fraction, ratio) in enumerate(
+        "emergence_hidden_state": emergence_hidden_state(analysis),
+        "layers": [  # per hidden state: 0 is the embeddings, i the output of block i - 1 (0-based)
+            {"hidden_state": state, "threshold": cut, "outlier_fraction": fraction, "max_over_median": ratio}
+            for state, (cut, fraction, ratio) in enumerate(
                 zip(analysis.layer_thresholds, analysis.layer_outlier_fractions(), analysis.layer_norm_ratios())
             )
         ],
@@ -134,7 +137,7 @@ SUMMARY_ROWS = (
     ("mean register norm", "register_norm_mean"),
     ("CLS attention on outliers", "attention_on_outliers"),
     ("CLS attention on registers", "attention_on_registers"),
-    ("outliers emerge at layer", "emergence_layer"),
+    ("outliers emerge at hidden state (0: embeddings)", "emergence_hidden_state"),
 )
 
 
@@ -180,6 +183,13 @@ def write_index(folder: Path, report: dict) -> None:
             lost += "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>"
         lost += "</table>"
     figures = "".join(f'<p><img src="{html.escape(path)}" alt="{html.escape(path)}"></p>' for path in report["figures"])
+    if report.get("image_figures_omitted"):
+        figures = f"<p>Figures of the first {len(report['images']) - report['image_figures_omitted']} images only "
+        figures += f"(--max-figures); {report['image_figures_omitted']} more are in report.json.</p>" + figures
+    skipped = ""
+    if report.get("skipped"):
+        items = "".join(f"<li>{html.escape(name)}: {html.escape(reason)}</li>" for name, reason in report["skipped"])
+        skipped = f"<h2>Skipped (unreadable)</h2><ul>{items}</ul>"
     rule = "a fixed" if report["summary"]["threshold_rule"] == "fixed" else "an automatic"
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>ViTReg artifact analysis</title>
@@ -192,48 +202,57 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} td:first-child{{
 <h2>Summary</h2><table><tr><th></th>{head}</tr>{"".join(rows)}</table>
 {lost}
 <h2>Per image</h2><table><tr><th>image</th><th>grid</th>{image_head}</tr>{"".join(per_image)}</table>
+{skipped}
 <h2>Figures</h2>{figures}
 </body></html>
 """
     (folder / "index.html").write_text(page)
 
 
-def _load(
-    source: ModelSource, device: str | None, revision: str | None = None
-) -> tuple[PreTrainedModel, BaseImageProcessor, str]:
+def source_name(source: ModelSource) -> str:
+    """How the report names a model: the path or id it was given, the name of a `(model, processor, name)`, or the
+    loaded model's own."""
     if isinstance(source, tuple):
-        model, processor, *name = source
-        name = str(name[0] if name else getattr(model, "name_or_path", "") or type(model).__name__)
-    else:
-        (model, processor), name = load_model(source, revision), str(source)
-    if device is not None:
-        try:
-            model = model.to(device)
-        except (RuntimeError, AssertionError) as error:  # torch asserts on a CUDA device it was not built with
-            raise UserError(f"cannot use device {device!r}: {str(error).splitlines()[0]}") from None
-    return model, processor, name
+        return str(source[2]) if len(source) > 2 else model_name(source[0])
+    return str(source)
 
 
-def write_report(folder: Path, analyses: Sequence[ModelAnalysis], lost_runs: Sequence[dict], header: dict) -> dict:
-    """Write report.json (`header` first), figures/ and index.html of analyses and LOST runs; return the report."""
+def write_report(
+    folder: Path,
+    analyses: Sequence[ModelAnalysis],
+    lost_runs: Sequence[dict],
+    header: dict,
+    *,
+    max_figures: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Write report.json (`header` first), figures/ and index.html of analyses and LOST runs; return the report.
+
+    `max_figures`: draw the per-image figures of the first N images only (default: every image).
+    """
     report = dict(header)
-    figures = []
+    drawings: list[tuple[str, Callable[[str], str]]] = []  # (file name, what draws it)
     (folder / "figures").mkdir(exist_ok=True)
     if analyses:
         report.update(model_record(analyses[0]))
         if len(analyses) > 1:
             report["compare"] = model_record(analyses[1])
-        for index, per_model in enumerate(zip(*(a.images for a in analyses))):
+        per_image = list(zip(*(a.images for a in analyses)))
+        shown = per_image if max_figures is None else per_image[:max_figures]
+        for index, per_model in enumerate(shown):
             name = f"figures/image_{index:03d}_{Path(per_model[0].image).stem}.png"
-            figures.append(image_figure(folder, name, per_model, analyses))
-        figures.append(histogram_figure(folder, "figures/norm_histogram.png", analyses))
-        figures.append(layer_figure(folder, "figures/layer_outliers.png", analyses))
+            drawings.append((name, lambda name, per_model=per_model: image_figure(folder, name, per_model, analyses)))
+        report["image_figures_omitted"] = len(per_image) - len(shown)
+        drawings.append(("figures/norm_histogram.png", lambda name: histogram_figure(folder, name, analyses)))
+        drawings.append(("figures/layer_outliers.png", lambda name: layer_figure(folder, name, analyses)))
     if lost_runs:
         report["lost"] = list(lost_runs)
-        figures.append(lost_figure(folder, "figures/lost.png", lost_runs))
-    report["figures"] = figures
+        drawings.append(("figures/lost.png", lambda name: lost_figure(folder, name, lost_runs)))
+    bar = tqdm(drawings, desc="figures", unit="figure", disable=not progress)
+    report["figures"] = [draw(name) for name, draw in bar]
     report.setdefault("images", [])
     report.setdefault("summary", {"threshold_rule": "none"})
+    report["skipped"] = analyses[0].skipped if analyses else []
     (folder / "report.json").write_text(json.dumps(report, indent=1))
     write_index(folder, report)
     return report
@@ -255,35 +274,49 @@ def run_analysis(
     overwrite: bool = False,
     progress: bool = True,
     revision: str | None = None,
+    max_figures: int | None = None,
 ) -> dict:
     """Analyse a model (and `compare`) on images (files, folders or PIL images), write `out/`; return report.json.
 
-    A model is a ViTReg folder or Hub repo, or any source `vitreg convert` reads (a DINOv2 / timm / transformers
-    checkpoint or Hub repo, an official DINOv2 name), converted in memory; `revision` applies to `model`.
+    A model is opened by `vitreg.core.opening.open_model`: a ViTReg folder or Hub repo, any source `vitreg convert`
+    reads (converted in memory), or a loaded `(model, processor)` or `(model, processor, name)`; `revision` applies
+    to `model`. Folders are searched recursively; unreadable images are skipped and listed in the report's `skipped`.
+    `image_size` is the side of the square the model sees (`vitreg.core.images.size_options`); `max_figures` limits
+    the per-image figures to the first N images.
 
     With `lost_root`, also LOST's CorLoc over that VOC folder's `lost_split` (ImageSets/Main/<split>.txt; "all":
     every annotation), at each image's own resolution as LOST runs; `image_size` and `crop` do not apply to it.
     """
-    check_output_dir(Path(out), overwrite)  # before the work, not after it
-    expanded = []
+    check_threshold(threshold)  # before any model loads
+    if max_figures is not None and max_figures < 0:
+        raise UserError(f"--max-figures must be 0 or more, got {max_figures}")
+    expanded: list[str | Path | Image.Image] = []
     for item in images:  # a folder expands, in place, into its sorted image files
         expanded.extend([item] if isinstance(item, Image.Image) else collect_images([item]))
     if not expanded and lost_root is None:
         raise UserError("nothing to analyse: give images or a VOC folder for LOST")
-    check_images([item for item in expanded if not isinstance(item, Image.Image)])
     if lost_root is not None:
         read_voc(lost_root, lost_split)  # a bad VOC folder fails before any model loads
     sources = [model] + ([compare] if compare is not None else [])
-    loaded = [_load(source, device, revision if index == 0 else None) for index, source in enumerate(sources)]
-    analyses = [
-        analyze(m, processor, expanded, image_size, threshold, name=name, progress=progress, crop=crop)
-        for m, processor, name in (loaded if expanded else [])
-    ]
-    lost_runs = [
-        {"model": name, **corloc(m, processor, lost_root, lost_split, lost_patches, progress)}
-        for m, processor, name in (loaded if lost_root is not None else [])
-    ]
-    with atomic_output_dir(Path(out), overwrite) as folder:
-        folder.chmod(0o755)  # a report is for reading: not the private mode of a temporary folder
+    inputs = [item for item in [*expanded, lost_root, *sources] if isinstance(item, (str, Path))]
+    # Entered first: an unusable output location fails at once, and nothing appears unless the whole report does.
+    with atomic_output_dir(Path(out), overwrite, inputs) as folder:
+        loaded = []
+        for index, source in enumerate(sources):
+            opened = open_model(
+                source[:2] if isinstance(source, tuple) else source,
+                revision=revision if index == 0 else None,
+                device=device,
+                progress=progress,
+            )
+            loaded.append((opened.model, opened.processor, source_name(source)))
+        analyses = [
+            analyze(m, processor, expanded, image_size, threshold, name=name, progress=progress, crop=crop)
+            for m, processor, name in (loaded if expanded else [])
+        ]
+        lost_runs = [
+            {"model": name, **corloc(m, processor, lost_root, lost_split, lost_patches, progress)}
+            for m, processor, name in (loaded if lost_root is not None else [])
+        ]
         header = {"model": loaded[0][2], "image_size": image_size, "crop": crop}
-        return write_report(folder, analyses, lost_runs, header)
+        return write_report(folder, analyses, lost_runs, header, max_figures=max_figures, progress=progress)

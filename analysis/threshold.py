@@ -4,6 +4,8 @@ import math
 
 import numpy as np
 
+from vitreg.core.errors import UserError
+
 MIN_RATIO = 2.0  # an outlier is at least twice the median norm (the paper's outliers are ~10x)
 ROBUST_SIGMAS = 6.0  # without a second mode: this many robust standard deviations of log norm above the median
 MIN_SEPARATION = 3.0  # the two modes' means lie this many (combined) standard deviations apart
@@ -73,3 +75,9 @@ def auto_threshold(norms: np.ndarray) -> float:
             if high_wins.any():
                 cut = float(grid[np.argmax(high_wins)])  # the first point between the means where the high mode wins
     return float(math.exp(max(cut, median + math.log(MIN_RATIO))))
+
+
+def check_threshold(threshold: float | None) -> None:
+    """Refuse a fixed outlier threshold (`--threshold`) that is not a positive norm."""
+    if threshold is not None and not threshold > 0:  # `not >`: NaN is refused too
+        raise UserError(f"--threshold must be a positive norm, got {threshold}")

@@ -6,7 +6,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from transformers import BitImageProcessor
 
+from vitreg.core.images import image_processor
 from vitreg.core.provenance import Provenance
 from vitreg.model_cards import save_model_folder
 from vitreg.modeling_vitreg import ViTRegConfig, ViTRegModel
@@ -58,10 +60,16 @@ def marked_images(num_marked: int = 8, num_clean: int = 4, seed: int = 0) -> lis
     return images
 
 
+def planted_processor() -> BitImageProcessor:
+    """DINOv2's preprocessing at SIDE px with no enlargement before the crop: the marked images, SIDE x SIDE, reach
+    the model as they are, their white squares on whole patches."""
+    return image_processor(SIDE, resize_size=SIDE)
+
+
 def write_planted_demo(model_dir: str | Path, images_dir: str | Path) -> None:
-    """Write `planted_model()` as a ViTReg folder and `marked_images()` as PNG files (to analyse at 64 px)."""
+    """Write `planted_model()` as a ViTReg folder (with `planted_processor()`) and `marked_images()` as PNG files."""
     provenance = Provenance(kind="random", name="planted register neurons", description="A test model: see its code.")
-    save_model_folder(planted_model(), model_dir, provenance, crop_size=SIDE)
+    save_model_folder(planted_model(), model_dir, provenance, processor=planted_processor())
     Path(images_dir).mkdir(parents=True, exist_ok=True)
     for index, image in enumerate(marked_images()):
         image.save(Path(images_dir) / f"image_{index:02d}.png")

@@ -2,7 +2,8 @@
 
 Follows `find_register_neurons` of the paper's code (nickjiang2378/test-time-registers, shared/algorithms.py, used
 with `apply_sparsity_filter=True` as its register_neurons.ipynb does): per image, the outlier positions are the tokens
-whose norm after block `detect_layer` is above the threshold; a neuron's score is the mean absolute activation
+whose norm after block `detect_layer` (0-based, like every block number here; negatives count from the end) is above
+the threshold; a neuron's score is the mean absolute activation
 (after the MLP non-linearity) at those positions, zeroed unless the neuron is sparse (below 0.5 on at least half of
 the tokens), averaged over the images that have outliers; all `(layer, neuron)` pairs are ranked together, restricted
 to a range of blocks (upstream's `filter_layers`) and the first `top_k` kept (the notebook's `top_k`).
@@ -24,13 +25,17 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import BaseImageProcessor
 
-from vitreg.analysis.artifacts import analyze
-from vitreg.analysis.loading import named_images, preprocess
+from vitreg.analysis.artifacts import ModelAnalysis, analyze
+from vitreg.analysis.loading import preprocess, readable_images
+from vitreg.analysis.threshold import check_threshold
 from vitreg.core.errors import UserError
+from vitreg.core.flags import parse_layers
 from vitreg.core.folders import atomic_output_file
 from vitreg.modeling_vitreg import ViTRegConfig, ViTRegModel
 
-FORMAT = "vitreg-register-neurons/1"
+FORMAT = "vitreg-register-neurons/2"
+# Format 1 counted `detect_layer` as a hidden state (0: the embeddings); format 2 as a block, 0-based like `layers`.
+FORMAT_1 = "vitreg-register-neurons/1"
 DETECT_LAYER = -2  # upstream's `detect_outliers_layer` for DINOv2 (configs/dinov2_large.yaml): the second to last block
 TOP_K = 50  # upstream's `top_k` for DINOv2 ViT-L (configs/dinov2_large.yaml)
 SPARSE_ACTIVATION = 0.5  # upstream's `sparsity_activation_threshold`
@@ -44,7 +49,7 @@ class RegisterNeurons:
     model: str
     architecture: dict  # num_hidden_layers, hidden_size, mlp_hidden_size: the shape the neurons index into
     neurons: list[dict]  # {"layer", "neuron", "score"}, highest score first
-    detect_layer: int  # hidden state whose norms define the outliers (0 = embeddings, i = after block i - 1)
+    detect_layer: int  # the block (0-based) after which the high-norm patch tokens are the outliers
     threshold: float
     threshold_rule: str  # "auto" (the analysis tool's) or "fixed"
     layers: list[int]  # the blocks searched
@@ -54,6 +59,7 @@ class RegisterNeurons:
     images_with_outliers: int
     outlier_fraction: float  # share of patch tokens above the threshold at `detect_layer`, pooled over images
     num_register_tokens: int = 0  # trained registers the model already has
+    skipped: list[list[str]] = field(default_factory=list)  # [name, reason] of each image that could not be read
     format: str = field(default=FORMAT)
 
     def pairs(self, top_k: int | None = None, layers: Sequence[int] | None = None) -> list[list[int]]:
@@ -68,8 +74,12 @@ class RegisterNeurons:
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write the record as JSON, atomically."""
         with atomic_output_file(path, overwrite) as staging:
-            staging.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+            self.write(staging)
         return Path(path)
+
+    def write(self, path: Path) -> None:
+        """Write the record as JSON to `path` (`save` does it atomically)."""
+        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "RegisterNeurons":
@@ -79,6 +89,8 @@ class RegisterNeurons:
             raise UserError(f"{path} does not exist")
         try:
             values = json.loads(path.read_text())
+            if values.get("format") == FORMAT_1:
+                values.update(format=FORMAT, detect_layer=int(values["detect_layer"]) - 1)  # a hidden state then
             if values.get("format") != FORMAT:
                 raise ValueError(f"format is {values.get('format')!r}, not {FORMAT!r}")
             record = cls(**values)
@@ -100,20 +112,6 @@ def architecture(config: ViTRegConfig) -> dict:
 def describe(shape: dict) -> str:
     """`24 blocks x 4096 MLP units (width 1024)`."""
     return f"{shape['num_hidden_layers']} blocks x {shape['mlp_hidden_size']} MLP units (width {shape['hidden_size']})"
-
-
-def parse_layers(text: str, depth: int) -> list[int]:
-    """`"0-17"`, `"12,14-17"` -> sorted 0-based blocks; a UserError for blocks the model does not have."""
-    blocks = set()
-    try:
-        for part in text.split(","):
-            first, _, last = part.strip().partition("-")
-            blocks.update(range(int(first), int(last or first) + 1))
-    except ValueError:
-        raise UserError(f"--layers {text!r}: expected blocks such as 0-17 or 12,14-17") from None
-    if not blocks or min(blocks) < 0 or max(blocks) >= depth:
-        raise UserError(f"--layers {text!r}: the model's blocks are 0-{depth - 1}")
-    return sorted(blocks)
 
 
 def mlp_output_linear(model: ViTRegModel, layer: int) -> torch.nn.Linear:
@@ -150,19 +148,17 @@ def neuron_scores(activations: torch.Tensor, positions: torch.Tensor, sparsity_f
     return scores
 
 
-def emergence_block(
-    layer_norms: Sequence[np.ndarray], masks: Sequence[np.ndarray], thresholds: Sequence[float], detect: int
-) -> int:
-    """The first block after which at least half of the outlier tokens are already above their layer's threshold.
+def emergence_block(found: ModelAnalysis, masks: Sequence[np.ndarray], detect: int) -> int:
+    """The first block after which at least half of the outlier tokens are already above that block's threshold.
 
-    `layer_norms`: per image `[L + 1, h, w]`; `masks`: per image `[h, w]` outliers at hidden state `detect`; the
-    rule of the analysis report's `emergence_layer`, on the detection layer's outliers.
+    `masks`: per image `[h, w]`, the outliers after block `detect` (0-based); the rule of the analysis report's
+    `emergence_hidden_state`, on the detection block's outliers.
     """
-    for hidden_state in range(1, detect + 1):
-        above = np.concatenate([n[hidden_state][m] for n, m in zip(layer_norms, masks)]) > thresholds[hidden_state]
-        if above.mean() >= 0.5:
-            return hidden_state - 1
-    return detect - 1
+    for block in range(detect + 1):
+        norms = np.concatenate([a.norms_after(block)[mask] for a, mask in zip(found.images, masks)])
+        if (norms > found.threshold_after(block)).mean() >= 0.5:
+            return block
+    return detect
 
 
 def find_register_neurons(
@@ -182,41 +178,41 @@ def find_register_neurons(
 ) -> RegisterNeurons:
     """Rank the MLP units of `model` by their activation at the high-norm outlier tokens of `images` (upstream's rule).
 
-    A UserError when the images show no outliers: no neurons are invented.
+    `detect_layer` and `layers` are blocks, 0-based (negatives count from the end); `threshold` a positive norm.
+    Unreadable image files are skipped and listed in `skipped`. A UserError when the images show no outliers: no
+    neurons are invented.
     """
     config = model.config
     depth = config.num_hidden_layers
     if config.num_test_time_registers:
         raise UserError("the model already has test-time registers: find register neurons on the model without them")
-    if not -depth <= detect_layer <= depth or detect_layer % (depth + 1) == 0:
-        raise UserError(f"--detect-layer must name a block's output: 1 to {depth}, or -1 to -{depth}")
+    [detect] = parse_layers(str(detect_layer), depth, flag="--detect-layer")
+    check_threshold(threshold)
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
-    detect = detect_layer % (depth + 1)  # a hidden-state index: 0 = embeddings, i = output of block i - 1
     name = name or str(getattr(model, "name_or_path", "") or type(model).__name__)
 
-    # Pass 1, the analysis tool: every layer's patch-token norms and its automatic outlier threshold.
+    # Pass 1, the analysis tool: every block's patch-token norms and its automatic outlier threshold.
     found = analyze(model, processor, images, image_size, name=name, progress=progress, crop=crop)
-    cut = found.layer_thresholds[detect] if threshold is None else float(threshold)
-    layer_norms = [a.layer_norms for a in found.images]  # per image [L + 1, h, w]
-    masks = [norms[detect] > cut for norms in layer_norms]  # per image [h, w]
+    cut = found.threshold_after(detect) if threshold is None else float(threshold)
+    masks = [a.norms_after(detect) > cut for a in found.images]  # per image [h, w]
     with_outliers = sum(bool(m.any()) for m in masks)
     fraction = float(np.mean(np.concatenate([m.ravel() for m in masks])))
     if not with_outliers:
         raise UserError(
-            f"no high-norm outlier tokens after block {detect - 1} in {len(masks)} image(s) (threshold {cut:.4g}): "
+            f"no high-norm outlier tokens after block {detect} in {len(masks)} image(s) (threshold {cut:.4g}): "
             "no register neurons to find. Use more images (large uniform areas show outliers best), another "
             "--detect-layer, or --threshold"
         )
-    if layers is None:
-        layers = list(range(emergence_block(layer_norms, masks, found.layer_thresholds, detect) + 1))
-    layers = sorted(layers)
+    layers = list(range(emergence_block(found, masks, detect) + 1)) if layers is None else parse_layers(layers, depth)
 
-    # Pass 2: the MLP activations at the outlier positions of every image that has outliers.
+    # Pass 2: the MLP activations at the outlier positions of every image that has outliers (the readable ones of
+    # pass 1, in the same order).
     totals = torch.zeros(len(layers), config.mlp_hidden_size)
     param = next(model.parameters())
-    named = tqdm(named_images(images), total=len(masks), desc="scoring neurons", unit="image", disable=not progress)
-    for (_, image), mask in zip(named, masks):
+    named = readable_images(images, [])
+    bar = tqdm(named, total=len(masks), desc="scoring neurons", unit="image", disable=not progress)
+    for (_, image), mask in zip(bar, masks):
         if not mask.any():
             continue  # upstream skips images without outliers
         pixel_values = preprocess(processor, image, config.patch_size, image_size, crop)
@@ -245,4 +241,5 @@ def find_register_neurons(
         images_with_outliers=with_outliers,
         outlier_fraction=fraction,
         num_register_tokens=config.num_register_tokens,
+        skipped=found.skipped,
     )

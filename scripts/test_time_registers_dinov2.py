@@ -23,9 +23,10 @@ import json
 import random
 from pathlib import Path
 
-from vitreg.analysis import collect_images, load_model, run_analysis
+from vitreg.analysis import collect_images, run_analysis
+from vitreg.core.flags import parse_layers
+from vitreg.core.opening import open_model
 from vitreg.registers import find_register_neurons, with_test_time_registers
-from vitreg.registers.neurons import parse_layers
 
 # Upstream's published register neurons of DINOv2 ViT-L/14 (dinov2/hub/register_neurons.py, LARGE_REGISTER_NEURONS),
 # block -> MLP units, for `--neurons upstream`.
@@ -50,11 +51,11 @@ def main() -> None:
     parser.add_argument("--neurons", choices=["found", "upstream"], default="found")
     parser.add_argument("--find-images", type=int, default=100)
     parser.add_argument("--analysis-images", type=int, default=50)
-    parser.add_argument("--layers", default="0-17", help="blocks searched (upstream: highest_layer 17)")
+    parser.add_argument("--layers", default="0-17", help="0-based blocks searched (upstream: highest_layer 17)")
     parser.add_argument("--top-k", type=int, default=50)
-    parser.add_argument("--detect-layer", type=int, default=-2)
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--device")
+    parser.add_argument("--detect-layer", type=int, default=-2, help="0-based block (-2: the second to last)")
+    parser.add_argument("--image-size", type=int, default=224, help="the side of the square the model sees")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -62,9 +63,7 @@ def main() -> None:
     files = collect_images([args.images])
     random.Random(args.seed).shuffle(files)
     find_files, analysis_files = files[: args.find_images], files[args.find_images :][: args.analysis_images]
-    model, processor = load_model(args.model)
-    if args.device:
-        model = model.to(args.device)
+    model, processor, _ = open_model(args.model, device=args.device)
     if args.neurons == "upstream":
         pairs = [[layer, unit] for layer, units in UPSTREAM_VITL14_NEURONS.items() for unit in units]
     else:

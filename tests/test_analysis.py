@@ -12,7 +12,7 @@ import torch
 from conftest import tiny_config
 from PIL import Image
 
-from vitreg.analysis import analyze, load_model, run_analysis
+from vitreg.analysis import analyze, run_analysis
 from vitreg.analysis.hooks import capture_last_qkv, cls_attention
 from vitreg.cli import main
 from vitreg.core.errors import UserError
@@ -24,6 +24,12 @@ from vitreg.modeling_vitreg import ViTRegModel
 DETECT, ARTIFACT = 0, 1  # channels: "this patch is magenta", and the one the artifact is written into
 SIZE, PATCH = 518, 14  # the paper's 37x37 grid
 MAGENTA = (255, 0, 255)
+
+
+def native_processor():
+    """DINOv2's preprocessing at SIZE with no enlargement before the crop: a SIZE x SIZE photo reaches the model as it
+    is, its magenta squares on whole patches."""
+    return image_processor(SIZE, resize_size=SIZE)
 
 
 def planted_model(num_register_tokens: int = 0, plant: bool = True) -> ViTRegModel:
@@ -81,8 +87,9 @@ def planted(photos):
 def folders(tmp_path_factory, planted):
     """Saved ViTReg folders: the planted model without registers, a clean one with 4, and two planted photos."""
     root = tmp_path_factory.mktemp("analysis")
-    save_model_folder(planted_model(0), root / "artifacts", Provenance(kind="random", name="planted artifacts"))
-    save_model_folder(planted_model(4, plant=False), root / "registers", Provenance(kind="random", name="clean"))
+    planted_record, clean_record = Provenance(kind="random", name="planted artifacts"), Provenance(kind="random")
+    save_model_folder(planted_model(0), root / "artifacts", planted_record, processor=native_processor())
+    save_model_folder(planted_model(4, plant=False), root / "registers", clean_record, processor=native_processor())
     images = root / "images"
     images.mkdir()
     for index, image in enumerate(planted[0][:2]):
@@ -92,7 +99,7 @@ def folders(tmp_path_factory, planted):
 
 def test_detector_finds_planted_artifacts_at_518(planted):
     images, positions = planted
-    result = analyze(planted_model(0), image_processor(), images, image_size=SIZE, progress=False)
+    result = analyze(planted_model(0), native_processor(), images, image_size=SIZE, progress=False)
     assert result.threshold_rule == "auto"
     found = set()
     truth = set()
@@ -112,7 +119,7 @@ def test_detector_finds_planted_artifacts_at_518(planted):
 
 def test_clean_model_has_no_outliers(planted):
     images, _ = planted
-    result = analyze(planted_model(4, plant=False), image_processor(), images, image_size=SIZE, progress=False)
+    result = analyze(planted_model(4, plant=False), native_processor(), images, image_size=SIZE, progress=False)
     assert sum(len(a.outliers) for a in result.images) == 0
     assert all(a.register_norms.shape == (4,) for a in result.images)
 
@@ -184,10 +191,11 @@ def test_report_schema_figures_and_compare(folders, tmp_path):
         on_outliers = [sum(head[r][c] for r, c in record["outliers"]) for head in heads]
         np.testing.assert_allclose(record["attention_on_outliers_per_head"], on_outliers, atol=1e-4)
     summary, other = on_disk["summary"], on_disk["compare"]["summary"]
-    assert summary["outlier_fraction"] > 0.01 and summary["emergence_layer"] == 2
-    assert other["outlier_fraction"] == 0.0 and other["emergence_layer"] is None
+    # The planted MLP is block 1's: hidden state 2 (0 is the embeddings) is the first to show them.
+    assert summary["outlier_fraction"] > 0.01 and summary["emergence_hidden_state"] == 2
+    assert other["outlier_fraction"] == 0.0 and other["emergence_hidden_state"] is None
     assert len(on_disk["compare"]["images"][0]["register_norms"]) == 4
-    assert len(summary["layers"]) == 4
+    assert [entry["hidden_state"] for entry in summary["layers"]] == [0, 1, 2, 3]
     for name in on_disk["figures"]:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(on_disk["figures"]) == 2 + 2  # one per image, the histogram, the per-layer curves
@@ -222,12 +230,12 @@ def test_hub_id_from_the_offline_cache(folders, tmp_path, monkeypatch):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(revision)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    model, processor = load_model("org/planted")
-    expected = ViTRegModel.from_pretrained(folders / "artifacts")
-    assert torch.equal(model.layernorm.weight, expected.layernorm.weight)
-    assert processor.crop_size == {"height": 224, "width": 224}
+    images = [folders / "images"]
+    hub = run_analysis("org/planted", images, tmp_path / "hub-report", image_size=SIZE, progress=False)
+    local = run_analysis(folders / "artifacts", images, tmp_path / "local-report", image_size=SIZE, progress=False)
+    assert hub["model"] == "org/planted" and hub["images"][0]["norms"] == local["images"][0]["norms"]
     with pytest.raises(UserError, match="org/absent is not in the Hub cache"):
-        load_model("org/absent")
+        run_analysis("org/absent", images, tmp_path / "absent", progress=False)
 
 
 def test_bad_inputs_are_one_line_errors(folders, tmp_path, capsys):
@@ -245,17 +253,18 @@ def test_bad_inputs_are_one_line_errors(folders, tmp_path, capsys):
         "not a positive multiple of the patch size": [model, str(folders / "images"), "--image-size", "500"],
         "give at least one image": [model],
         "cannot use device 'nowhere'": [model, str(folders / "images"), "--device", "nowhere"],
+        "--threshold must be a positive norm, got -1.0": [model, str(folders / "images"), "--threshold", "-1"],
     }
     for message, argv in cases.items():
         assert main(["analyze", *argv, "--out", str(tmp_path / "out")]) == 1, message
         error = capsys.readouterr().err.strip().splitlines()[-1]  # after any progress bar of the model loading
         assert error.startswith("vitreg analyze: error: ") and message in error, error
     assert not (tmp_path / "out").exists()
+    config_only = tmp_path / "bert"
+    config_only.mkdir()
+    (config_only / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(UserError, match="not a ViTReg model"):
-        config_only = tmp_path / "bert"
-        config_only.mkdir()
-        (config_only / "config.json").write_text(json.dumps({"model_type": "bert"}))
-        load_model(config_only)
+        run_analysis(config_only, [folders / "images"], tmp_path / "out", progress=False)
 
 
 BACKEND_CHECK = """

@@ -237,12 +237,32 @@ def test_cli_lost(tmp_path, capsys):
     assert (out / "figures" / "lost.png").read_bytes()[:4] == b"\x89PNG"
     page = (out / "index.html").read_text()
     assert "CorLoc 0.7500" in page and "trainval" in page and "native, zero-padded" in page and "last block" in page
-    # --lost-split is the old name of --split
+    # --lost-split is the old name of --split; every long flag takes dashes or underscores.
     argv = ["analyze", str(tmp_path / "model"), "--lost", str(voc), "--out", str(out), "--overwrite"]
-    assert main([*argv, "--lost-split", "test", "--lost-patches", "5"]) == 0
-    assert "over 2 images (split test, " in capsys.readouterr().out
-    run = json.loads((out / "report.json").read_text())["lost"][0]
-    assert (run["split"], run["k"], run["num_images"]) == ("test", 5, 2)
+    for split_flag, patches_flag in (("--lost-split", "--lost-patches"), ("--lost_split", "--lost_patches")):
+        assert main([*argv, split_flag, "test", patches_flag, "5"]) == 0
+        assert "over 2 images (split test, " in capsys.readouterr().out
+        run = json.loads((out / "report.json").read_text())["lost"][0]
+        assert (run["split"], run["k"], run["num_images"]) == ("test", 5, 2)
+
+
+def test_unreadable_voc_images_are_skipped_and_listed(tmp_path, capsys):
+    voc = tmp_path / "voc"
+    write_voc(voc, wrong=0)
+    damaged = voc / "JPEGImages" / "2007_000001.jpg"
+    damaged.write_bytes(damaged.read_bytes()[:300])  # the header reads, the pixels do not
+    (voc / "JPEGImages" / "2007_000003.jpg").write_text("not an image")
+    result = corloc(brightness_model(), image_processor(), voc, progress=False)
+    assert [Path(entry["image"]).name for entry in result["images"]] == ["2007_000000.jpg", "2007_000002.jpg"]
+    assert [Path(name).name for name, _ in result["skipped"]] == ["2007_000001.jpg", "2007_000003.jpg"]
+    (_, truncated), (_, not_image) = result["skipped"]
+    assert "truncated" in truncated.lower() and not_image.startswith("UnidentifiedImageError")
+    assert (result["num_images"], result["corloc"]) == (2, 0.5)  # image 0's annotation points elsewhere
+    save_model_folder(brightness_model(), tmp_path / "model", Provenance(kind="random", name="brightness keys"))
+    argv = ["analyze", str(tmp_path / "model"), "--lost", str(voc), "--out", str(tmp_path / "out"), "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"skipped {damaged}: " in printed and "2 unreadable images skipped" in printed
 
 
 def test_bad_voc_folders(tmp_path, capsys):

@@ -35,7 +35,7 @@ class NeuronShift:
     source_model: str | None = None  # the model the neurons were found on
     images: list[str] = field(default_factory=list)  # the images they were found on
     images_with_outliers: int | None = None
-    detect_layer: int | None = None  # hidden state whose high-norm tokens were the outliers
+    detect_layer: int | None = None  # block (0-based) whose output's high-norm tokens were the outliers
     threshold: float | None = None
 
 
