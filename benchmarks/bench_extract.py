@@ -15,6 +15,7 @@ forward, extract can at best reach the forward's speed, so `(pre + forward) / fo
 
 import argparse
 import json
+import os
 import platform
 import random
 import shutil
@@ -143,13 +144,18 @@ def main() -> None:
     args = parser.parse_args()
     random.seed(0)
     results = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "runs": []}
+    # ONNX Runtime's and extract's figures move with other jobs on the machine: the load is stated with each table.
+    results["load_before"] = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as work:
         paths = photo_folder(Path(work), args.images)
         for size in args.sizes:
             results["runs"].append(measure(size, paths, Path(work), args))
+    results["load_after"] = os.getloadavg()[0]
 
     print(f"\nViT-S/14 reg4, fp32, CPU ({results['threads']} threads), {args.images} photos, {args.rounds} interleaved "
-          "rounds; ratio = median per-round time pipeline / extract [IQR] (> 1: extract faster)\n")  # fmt: skip
+          "rounds; ratio = median per-round time pipeline / extract [IQR] (> 1: extract faster); load average "
+          f"{results['load_before']:.2f} before, {results['load_after']:.2f} after (quiet: well below the "
+          f"{os.cpu_count()} cores)\n")  # fmt: skip
     print("| size | batch | pipeline img/s | extract img/s | pipeline / extract [IQR] | extract onnxruntime img/s "
           "| pipeline / extract onnxruntime [IQR] | forward only img/s (torch / onnxruntime) | preprocess only img/s "
           "| overlap bound (torch / onnxruntime) |")  # fmt: skip

@@ -2,7 +2,7 @@
 
 from vitreg.extract import extract_features, load_features
 extract_features("facebook/dinov2-with-registers-small", "photos", "features", what="cls,patch")
-features = load_features("features")  # a datasets.Dataset: id, cls [D], patch [HW, D]
+features = load_features("features")  # a datasets.Dataset: id, (a dataset's other columns,) cls [D], patch [HW, D]
 """
 
 from .backends import BACKENDS, Tokens

@@ -1,7 +1,8 @@
 """How a batch of pixels becomes tokens: one small function per backend, all returning the same `Tokens`.
 
 A backend is `make(model, layers, dtype, device) -> run`, where `run(pixel_values [B, 3, H, W])` returns `Tokens`.
-Which token is what (CLS, registers, patches) is decided once, in `features.py`, for every backend.
+Which token is what (CLS, registers, patches) is the model's call: `split_tokens` on the final output, and
+`get_intermediate_layers` (DINOv3's `return_class_token` / `return_extra_tokens`) for `layers`.
 """
 
 import importlib
@@ -15,16 +16,25 @@ from typing import NamedTuple
 import torch
 
 from vitreg.core.errors import UserError
-from vitreg.modeling_vitreg import ViTRegModel
+from vitreg.core.opening import to_device
+from vitreg.modeling_vitreg import ViTRegConfig, ViTRegModel, split_tokens
 
 logger = logging.getLogger(__name__)
 
 
 class Tokens(NamedTuple):
-    """Every token of the requested layers, and the model's pooled output (None with `layers`)."""
+    """A batch's tokens, one entry per layer (the final output, or each of `layers`, normed), and the pooled output."""
 
-    hidden: list[torch.Tensor]  # one `[B, P + HW, D]` per layer (the final output, or each of `layers`, normed)
-    pooled: torch.Tensor | None  # `[B, D]`
+    cls: list[torch.Tensor | None]  # [B, D] each; None without a CLS token
+    registers: list[torch.Tensor]  # [B, R + T, D] each: the trained registers, then the test-time ones
+    patches: list[torch.Tensor]  # [B, HW, D] each
+    pooled: torch.Tensor | None  # [B, D]; None with `layers`
+
+    @classmethod
+    def final(cls, config: ViTRegConfig, last_hidden_state: torch.Tensor, pooled: torch.Tensor) -> "Tokens":
+        """The final output `[B, P + HW, D]`, cut by the model's one notion of prefix tokens."""
+        cls_token, registers, patches = split_tokens(config, last_hidden_state)
+        return cls([cls_token], [registers], [patches], pooled)
 
 
 Backend = Callable[[torch.Tensor], Tokens]
@@ -32,20 +42,21 @@ Backend = Callable[[torch.Tensor], Tokens]
 
 def torch_backend(model: ViTRegModel, layers: list[int] | None, dtype: torch.dtype, device: str) -> Backend:
     """The model itself, in eager PyTorch (sdpa attention) under `inference_mode`."""
-    try:
-        model = model.to(device=device, dtype=dtype).eval()
-    except (RuntimeError, AssertionError) as error:  # torch asserts on a CUDA device it was not built with
-        raise UserError(f"cannot use device {device!r}: {str(error).splitlines()[0]}") from None
+    model = to_device(model, device).to(dtype=dtype).eval()
 
     @torch.inference_mode()
     def run(pixel_values: torch.Tensor) -> Tokens:
         pixel_values = pixel_values.to(device=device, dtype=dtype)
         if layers is None:
             out = model(pixel_values)
-            return Tokens([out.last_hidden_state], out.pooler_output)
-        _, kept = model.forward_blocks(pixel_values, keep=[block + 1 for block in layers])  # 0 = the embeddings
-        # Normed as DINOv2's and DINOv3's intermediate layers: with untied norms, the prefix by `cls_norm`.
-        return Tokens([model.normalize(hidden) for hidden in kept], None)
+            return Tokens.final(model.config, out.last_hidden_state, out.pooler_output)
+        # DINOv2's and DINOv3's intermediate layers, normed (with untied norms, the prefix by `cls_norm`):
+        # one (patches [B, HW, D], cls [B, D], registers [B, R + T, D]) per block.
+        per_block = model.get_intermediate_layers(
+            pixel_values, n=layers, return_class_token=True, return_extra_tokens=True, norm=True
+        )
+        patches, cls_tokens, registers = zip(*per_block)
+        return Tokens(list(cls_tokens), list(registers), list(patches), None)
 
     return run
 
@@ -64,7 +75,7 @@ def onnxruntime_backend(model: ViTRegModel, layers: list[int] | None, dtype: tor
                         "--device or use --backend torch")  # fmt: skip
     folder = Path(tempfile.mkdtemp(prefix="vitreg-extract-onnx-"))
     try:
-        exported = export_onnx(model, folder / "model.onnx", dynamic=True, progress=False)
+        exported = export_onnx(model.cpu(), folder / "model.onnx", dynamic=True, progress=False)
         logger.info(exported.summary())
         runtime = ONNXRuntimeModel(exported.path)  # the session holds the graph in memory
     finally:
@@ -72,7 +83,8 @@ def onnxruntime_backend(model: ViTRegModel, layers: list[int] | None, dtype: tor
 
     def run(pixel_values: torch.Tensor) -> Tokens:
         outputs = runtime(pixel_values)
-        return Tokens([torch.from_numpy(outputs["last_hidden_state"])], torch.from_numpy(outputs["pooler_output"]))
+        last = torch.from_numpy(outputs["last_hidden_state"])  # [B, P + HW, D]
+        return Tokens.final(model.config, last, torch.from_numpy(outputs["pooler_output"]))
 
     return run
 

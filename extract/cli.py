@@ -2,26 +2,30 @@
 
 import argparse
 import os
+import shlex
+import sys
 from pathlib import Path
 
-from vitreg.core.flags import spellings
+from vitreg.core.flags import add_common_flags, spellings
 
 from .backends import BACKENDS
 from .extractor import DTYPES, extract_features
 from .features import WHAT
+from .output import JOB_FILE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `vitreg extract`."""
     parser.description = (
         "Features of a folder of images (searched recursively) or a datasets dataset, written as a datasets Arrow "
-        "dataset (datasets.load_from_disk) with the image ids. A rerun of an interrupted extraction resumes."
+        "dataset (datasets.load_from_disk) with the image ids and a dataset's other columns. A rerun of an "
+        "interrupted extraction resumes."
     )
     parser.add_argument(
         "model",
         metavar="MODEL",
-        help="ViTReg folder or Hub repo, or any source vitreg convert reads (DINOv2 / timm / transformers checkpoint "
-        "or Hub repo, official name such as dinov2_vitl14_reg4), converted in memory",
+        help="ViTReg folder or Hub repo, or any source vitreg convert reads (DINOv2 / DINOv3 / timm / transformers "
+        "checkpoint or Hub repo, official name such as dinov2_vitl14_reg4), converted in memory",
     )
     parser.add_argument(
         "images",
@@ -31,12 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         *spellings("--output-dir"), "--out", required=True, type=Path, help="output folder (the features dataset)"
     )
-    parser.add_argument(
-        *spellings("--image-size"),
-        type=int,
-        help="crop N x N after resizing the short side to N*256/224, as DINOv2 evaluates (default: the model's "
-        "own preprocessing, 224 for ViTReg folders)",
-    )
+    add_common_flags(parser, "image_size")
     parser.add_argument(*spellings("--batch-size"), type=int, default=32, help="images per forward (default 32)")
     parser.add_argument(
         *spellings("--workers"),
@@ -47,15 +46,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         *spellings("--what"),
         default="cls,patch",
-        help=f"comma-separated columns among {', '.join(WHAT)} (default %(default)s); registers are never mixed "
-        "into the patch tokens",
+        help=f"comma-separated columns among {', '.join(WHAT)} (default %(default)s); registers are the trained "
+        "then the test-time ones, never mixed into the patch tokens",
     )
     parser.add_argument(
         *spellings("--layers"),
-        type=int,
-        nargs="+",
-        help="blocks (0-based, -1 = last) whose tokens, normed as DINOv2's intermediate layers, to keep instead of "
-        "the final output; each column gets a leading layer axis",
+        metavar="BLOCKS",
+        help="0-based blocks whose tokens, normed as DINOv2's and DINOv3's intermediate layers, to keep instead of the "
+        "final output, as a comma-separated list of numbers and ranges: 0,5,10-11 or -1 (the last); each column "
+        "gets a leading layer axis",
     )
     parser.add_argument(
         *spellings("--dtype"),
@@ -63,7 +62,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="float32",
         help="compute dtype; features are stored in float16 with float16, float32 otherwise",
     )
-    parser.add_argument(*spellings("--revision"), help="branch, tag or commit of a Hub repo MODEL (default: main)")
     parser.add_argument(*spellings("--split"), default="train", help="split of a dataset (default %(default)s)")
     parser.add_argument(*spellings("--image-column"), help="image column of a dataset (default: its image column)")
     parser.add_argument(
@@ -72,7 +70,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         *spellings("--strict"), action="store_true", help="stop at an unreadable image instead of skipping it"
     )
-    parser.add_argument(*spellings("--device"), default="cpu", help="torch device, e.g. cuda (default: cpu)")
     parser.add_argument(
         *spellings("--backend"),
         choices=sorted(BACKENDS),
@@ -80,32 +77,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="what runs the model: torch (eager) or onnxruntime (the model exported to a dynamic ONNX graph, "
         "checked against PyTorch to 1e-4; final tokens, float32, CPU)",
     )
-    parser.add_argument(*spellings("--overwrite"), action="store_true", help="replace a non-empty output folder")
-    parser.add_argument(*spellings("--no-progress"), action="store_true", help="no progress bar")
+    add_common_flags(parser, "revision", "device", "overwrite", "no_progress")
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command line that resumes this run: its arguments as given, without --overwrite (which starts again)."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    words = ["vitreg", "extract"]
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if not action.option_strings:
+            words.append(str(value))
+        elif action.dest not in ("help", "overwrite") and value is not None and value != action.default:
+            words += [action.option_strings[0]] if action.nargs == 0 else [action.option_strings[0], str(value)]
+    return shlex.join(words)
 
 
 def run(args: argparse.Namespace) -> int:
     """Extract, then print the rows written, the images skipped and the throughput."""
-    summary = extract_features(
-        args.model,
-        args.images,
-        args.output_dir,
-        revision=args.revision,
-        image_size=args.image_size,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        what=args.what,
-        layers=args.layers,
-        dtype=args.dtype,
-        shard_size=args.shard_size,
-        split=args.split,
-        image_column=args.image_column,
-        strict=args.strict,
-        overwrite=args.overwrite,
-        device=args.device,
-        backend=args.backend,
-        progress=not args.no_progress,
-    )
+    try:
+        summary = extract_features(
+            args.model,
+            args.images,
+            args.output_dir,
+            revision=args.revision,
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            what=args.what,
+            layers=args.layers,
+            dtype=args.dtype,
+            shard_size=args.shard_size,
+            split=args.split,
+            image_column=args.image_column,
+            strict=args.strict,
+            overwrite=args.overwrite,
+            device=args.device,
+            backend=args.backend,
+            progress=not args.no_progress,
+        )
+    except KeyboardInterrupt:
+        if (args.output_dir / JOB_FILE).is_file():
+            print(
+                f"finished shards are kept in {args.output_dir}; to resume, run: {resume_command(args)}",
+                file=sys.stderr,
+            )
+        raise
     for image, reason in summary["skipped"]:
         print(f"skipped {image}: {reason}")
     print(

@@ -15,40 +15,19 @@ from tqdm.auto import tqdm
 from transformers import BaseImageProcessor
 
 import vitreg
-from vitreg.conversion.loading import load_backbone
 from vitreg.core.errors import UserError
+from vitreg.core.images import check_image_size, crops, size_options
+from vitreg.core.opening import model_name, open_model
 from vitreg.modeling_vitreg import ViTRegModel
 
 from .backends import BACKENDS
-from .features import arrow_features, check_request, column_shapes, columns, parse_what
-from .inputs import Preprocessed, collate, list_images
+from .features import arrow_features, check_request, column_shapes, columns, num_registers, parse_what
+from .inputs import Preprocessed, collate, datasets_module, list_images
 from .output import FeatureFolder, refuse_finished
 
 logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 STORED = {"float32": "float32", "float16": "float16", "bfloat16": "float32"}  # Arrow has no bfloat16
-
-
-def output_size(processor: BaseImageProcessor) -> dict | None:
-    """`{"height", "width"}` every image comes out at: the center crop (DINOv2), or a resize of the whole image to a
-    fixed size (DINOv3); None when the size depends on the image."""
-    if getattr(processor, "do_center_crop", False) and getattr(processor, "crop_size", None):
-        return processor.crop_size
-    size = getattr(processor, "size", None)
-    if getattr(processor, "do_resize", False) and size and size.get("height") and size.get("width"):
-        return size
-    return None
-
-
-def crop_options(image_size: int | None, processor: BaseImageProcessor) -> dict:
-    """Processor overrides for `image_size`: DINOv3's whole-image resize for a processor that does it, else DINOv2's
-    evaluation resize (short side 256/224 of it) and center crop."""
-    if image_size is None:
-        return {}
-    square = {"height": image_size, "width": image_size}
-    if output_size(processor) is not None and not getattr(processor, "do_center_crop", False):
-        return {"size": square}
-    return {"size": {"shortest_edge": round(image_size * 256 / 224)}, "crop_size": square, "do_center_crop": True}
 
 
 class Transform:
@@ -61,15 +40,31 @@ class Transform:
         return self.processor(image, return_tensors="pt", **self.options)["pixel_values"][0]
 
 
-def output_grid(processor: BaseImageProcessor, options: dict, patch_size: int) -> tuple[int, int]:
-    """The patch grid of every image, refusing a crop that does not tile into whole patches."""
-    crop = options.get("crop_size", options.get("size")) if options else output_size(processor)
-    if crop is None:
+def output_grid(processor: BaseImageProcessor, image_size: int | None, patch_size: int) -> tuple[int, int]:
+    """The patch grid every image comes out at: `image_size` squared, else the processor's center crop (DINOv2) or
+    fixed resize (DINOv3), refusing a size that does not tile into whole patches."""
+    if image_size is not None:
+        check_image_size(image_size, patch_size)
+        return image_size // patch_size, image_size // patch_size
+    if crops(processor):
+        size = processor.crop_size
+    else:  # a fixed resize, unless it resizes the short side only (or not at all): then sizes follow the images
+        size = (getattr(processor, "size", None) or {}) if getattr(processor, "do_resize", False) else {}
+    if not size.get("height") or not size.get("width"):
         raise UserError("the model's image processor gives no fixed image size: pass --image-size")
-    height, width = crop["height"], crop["width"]
-    if height % patch_size or width % patch_size:
-        raise UserError(f"--image-size {height}: not a multiple of the patch size {patch_size}")
-    return height // patch_size, width // patch_size
+    for side in (size["height"], size["width"]):
+        try:
+            check_image_size(side, patch_size, flag="the model processor's image size")
+        except UserError as error:
+            raise UserError(f"{error}: pass --image-size") from None
+    return size["height"] // patch_size, size["width"] // patch_size
+
+
+def where(source: str | Path) -> str:
+    """A local path as an absolute one, so that `photos` and `/home/me/photos` are the same job; anything else (a Hub
+    id) as given."""
+    path = Path(str(source)).expanduser()
+    return str(path.resolve()) if path.exists() else str(source)
 
 
 def batches(shards: list[int], num_images: int, shard_size: int, batch_size: int) -> list[tuple[int, list[int]]]:
@@ -91,7 +86,7 @@ def extract_features(
     batch_size: int = 32,
     workers: int = 2,
     what: str | list[str] = "cls,patch",
-    layers: list[int] | None = None,
+    layers: str | list[int] | None = None,
     dtype: str = "float32",
     shard_size: int = 1000,
     split: str = "train",
@@ -104,12 +99,16 @@ def extract_features(
 ) -> dict:
     """Features of every image of a folder or `datasets` dataset, written as an Arrow dataset in `output_dir`.
 
-    `model`: any source (`vitreg.conversion.loading.load_backbone`) or a loaded `(model, processor)`. `what`: columns
-    among cls, patch, registers, pooled; `layers`: blocks whose normed tokens to keep instead of the final output.
-    A rerun with the same settings resumes: finished shards are kept. Returns the summary (`extract.json`).
+    `model`: any source `vitreg.core.opening.open_model` opens, or a loaded `(model, processor)`. `what`: columns
+    among cls, patch, registers (trained, then test-time), pooled; `layers`: 0-based blocks (`"0,5,10-11"`, `"-1"`
+    or a list) whose normed tokens to keep instead of the final output. `image_size`: the side of the square the
+    model sees (`vitreg.core.images.size_options`). A dataset's other columns are kept beside the features. A rerun
+    with the same settings resumes: finished shards are kept. Returns the summary (`extract.json`).
     """
+    datasets_module()  # the output is a `datasets` folder: say which extra is missing before any work
     output_dir = Path(output_dir)
-    refuse_finished(output_dir, overwrite)
+    inputs = [source for source in (images, model) if isinstance(source, (str, Path))]
+    refuse_finished(output_dir, overwrite, inputs)
     what = parse_what(what)
     if dtype not in DTYPES or backend not in BACKENDS:
         raise UserError(f"--dtype is one of {', '.join(DTYPES)}, --backend one of {', '.join(BACKENDS)}")
@@ -118,24 +117,26 @@ def extract_features(
     listed = list_images(images, split=split, image_column=image_column)
     if not len(listed):
         raise UserError(f"{images}: no images")
-    if isinstance(model, tuple):
-        (vit, processor), name = model, str(model[0].name_or_path or type(model[0]).__name__)
-    else:
-        (vit, processor), name = load_backbone(model, revision=revision, progress=progress), str(model)
+    # The device is the backend's to choose (ONNX Runtime runs on the CPU): the model is opened where it is.
+    vit, processor, _ = open_model(model, revision=revision, head="model", device=None, progress=progress)
+    name = where(model) if isinstance(model, (str, Path)) else model_name(vit)
     config = vit.config
     layers = check_request(config, what, layers)
-    options = crop_options(image_size, processor)
-    rows, cols = output_grid(processor, options, config.patch_size)
+    rows, cols = output_grid(processor, image_size, config.patch_size)
     shapes = column_shapes(config, what, rows * cols, None if layers is None else len(layers))
+    others = listed.other_features()
+    # num_register_tokens: the registers column's width, trained + test-time (one count, as `split_tokens` cuts).
     job = {
-        "model": name, "revision": revision, "images": str(images), "split": split, "image_column": image_column,
-        "num_images": len(listed), "ids_sha256": hashlib.sha256("\n".join(listed.ids).encode()).hexdigest()[:16],
-        "image_size": [rows * config.patch_size, cols * config.patch_size],
-        "grid": [rows, cols], "num_register_tokens": config.num_register_tokens, "what": what, "layers": layers,
-        "dtype": dtype, "shard_size": shard_size, "vitreg_version": vitreg.__version__,
+        "model": name, "revision": revision, "images": where(images), "split": split, "image_column": image_column,
+        "columns": list(others), "num_images": len(listed),
+        "ids_sha256": hashlib.sha256("\n".join(listed.ids).encode()).hexdigest()[:16],
+        "image_size": [rows * config.patch_size, cols * config.patch_size], "grid": [rows, cols],
+        "num_register_tokens": num_registers(config), "what": what, "layers": layers, "dtype": dtype,
+        "shard_size": shard_size, "vitreg_version": vitreg.__version__,
     }  # fmt: skip
     num_shards = -(-len(listed) // shard_size)
-    out = FeatureFolder(output_dir, job, arrow_features(shapes, STORED[dtype]), num_shards, overwrite)
+    features = arrow_features(shapes, STORED[dtype], others)
+    out = FeatureFolder(output_dir, job, features, num_shards, overwrite, inputs)
     todo = [shard for shard in range(num_shards) if shard not in out.finished()]
     if len(todo) < num_shards:
         logger.info(f"resuming: {num_shards - len(todo)} of {num_shards} shards already done")
@@ -143,14 +144,14 @@ def extract_features(
     stored = np.dtype(STORED[dtype])
     plan = batches(todo, len(listed), shard_size, batch_size)
     loader = torch.utils.data.DataLoader(
-        Preprocessed(listed, Transform(processor, options)),
+        Preprocessed(listed, Transform(processor, size_options(processor, image_size))),
         batch_sampler=[indices for _, indices in plan],
         num_workers=workers,
         collate_fn=collate,
         prefetch_factor=4 if workers else None,
     )
     start = time.perf_counter()
-    features_of = lambda pixels: columns(run(pixels), config, what, stored)  # noqa: E731  [B, 3, H, W] -> columns
+    features_of = lambda pixels: columns(run(pixels), what, stored)  # noqa: E731  [B, 3, H, W] -> columns
     count = _write(out, listed, plan, loader, features_of, strict, progress)
     seconds = time.perf_counter() - start
     summary = out.finish({"seconds": round(seconds, 3), "images_per_second": round(count / max(seconds, 1e-9), 3)})
@@ -174,7 +175,8 @@ def _write(out: FeatureFolder, listed, plan: list, loader, features_of, strict: 
                     raise UserError(f"{listed.ids[index]}: not a readable image ({reason}); drop --strict to skip it")
                 writer.skipped.append([listed.ids[index], reason])
             if pixels is not None:
-                writer.write({"id": [listed.ids[index] for index in indices], **features_of(pixels)})
+                ids = [listed.ids[index] for index in indices]
+                writer.write({"id": ids, **listed.other_values(indices), **features_of(pixels)})
             count += len(indices) + len(failed)
             bar.update(len(indices) + len(failed))
             if position + 1 == len(plan) or plan[position + 1][0] != shard:

@@ -1,18 +1,25 @@
 """The feature columns of `vitreg extract`: which tokens go where, their shapes and their Arrow types.
 
-Tokens come as `[CLS, registers, patches]`; `split_tokens` cuts them with the model's one notion of prefix tokens,
-so registers never end up among (or averaged into) the patch features.
+Tokens come as `[CLS, registers, patches]`, the registers being the trained ones then the test-time ones; the model
+cuts them (`split_tokens`, `get_intermediate_layers`) with its one notion of prefix tokens, so registers never end
+up among (or averaged into) the patch features.
 """
 
 import numpy as np
 import torch
 
 from vitreg.core.errors import UserError
-from vitreg.modeling_vitreg import ViTRegConfig, split_tokens
+from vitreg.core.flags import parse_layers
+from vitreg.modeling_vitreg import ViTRegConfig
 
 from .backends import Tokens
 
 WHAT = ("cls", "patch", "registers", "pooled")
+
+
+def num_registers(config: ViTRegConfig) -> int:
+    """Register tokens of every image: the trained ones and the test-time ones (all the prefix but the CLS token)."""
+    return config.num_prefix_tokens - int(config.use_cls_token)
 
 
 def parse_what(text: str | list[str]) -> list[str]:
@@ -24,9 +31,9 @@ def parse_what(text: str | list[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def check_request(config: ViTRegConfig, what: list[str], layers: list[int] | None) -> list[int] | None:
-    """Refuse what the model cannot give; `layers` as sorted block indices (negative ones count from the end)."""
-    if "registers" in what and not config.num_register_tokens:
+def check_request(config: ViTRegConfig, what: list[str], layers: str | list[int] | None) -> list[int] | None:
+    """Refuse what the model cannot give; `layers` (`"0,5,10-11"`, `"-1"` or a list) as sorted 0-based blocks."""
+    if "registers" in what and not num_registers(config):
         raise UserError("the model has no register tokens: drop 'registers' from --what")
     if "cls" in what and not config.use_cls_token:
         raise UserError("the model has no CLS token: drop 'cls' from --what")
@@ -34,42 +41,35 @@ def check_request(config: ViTRegConfig, what: list[str], layers: list[int] | Non
         return None
     if "pooled" in what:
         raise UserError("'pooled' is the final output's: drop it from --what or drop --layers")
-    depth = config.num_hidden_layers
-    if any(not -depth <= layer < depth for layer in layers):
-        raise UserError(f"--layers: the model has blocks 0..{depth - 1} (or -{depth}..-1), got {layers}")
-    return sorted({layer % depth for layer in layers})
+    return parse_layers(layers, config.num_hidden_layers)
 
 
 def column_shapes(config: ViTRegConfig, what: list[str], num_patches: int, num_layers: int | None) -> dict:
     """Shape of one image's value in each column; with `layers`, a leading axis of one entry per layer."""
     dim = config.hidden_size
-    shapes = {"cls": (dim,), "registers": (config.num_register_tokens, dim), "patch": (num_patches, dim)}
+    shapes = {"cls": (dim,), "registers": (num_registers(config), dim), "patch": (num_patches, dim)}
     shapes["pooled"] = (dim,)  # never with layers (check_request)
     lead = (num_layers,) if num_layers is not None else ()
     return {name: lead + shapes[name] for name in what}
 
 
-def arrow_features(shapes: dict, dtype: str):
-    """The `datasets.Features` of the output: an `id` string, then one fixed-shape array column per feature."""
+def arrow_features(shapes: dict, dtype: str, others: dict | None = None):
+    """The `datasets.Features` of the output: an `id` string, the source dataset's `others` columns as they were,
+    then one fixed-shape array column per feature."""
     from datasets import Array2D, Array3D, Array4D, Features, Sequence, Value
 
     arrays = {2: Array2D, 3: Array3D, 4: Array4D}
-    features = {"id": Value("string")}
+    features = {"id": Value("string"), **(others or {})}
     for name, shape in shapes.items():
         single = len(shape) == 1
         features[name] = Sequence(Value(dtype), length=shape[0]) if single else arrays[len(shape)](shape, dtype)
     return Features(features)
 
 
-def columns(tokens: Tokens, config: ViTRegConfig, what: list[str], dtype: np.dtype) -> dict[str, np.ndarray]:
+def columns(tokens: Tokens, what: list[str], dtype: np.dtype) -> dict[str, np.ndarray]:
     """One batch's feature columns as numpy arrays `[B, ...]` of the stored dtype."""
-    parts = {"cls": [], "registers": [], "patch": []}
-    for hidden in tokens.hidden:  # [B, P + HW, D]
-        cls_token, registers, patches = split_tokens(config, hidden)
-        parts["cls"].append(cls_token)  # [B, D]
-        parts["registers"].append(registers)  # [B, R, D]
-        parts["patch"].append(patches)  # [B, HW, D]
-    single = len(tokens.hidden) == 1 and tokens.pooled is not None  # the final output: no layer axis
+    parts = {"cls": tokens.cls, "registers": tokens.registers, "patch": tokens.patches}
+    single = tokens.pooled is not None  # the final output: no layer axis
     out = {}
     for name in what:
         if name == "pooled":

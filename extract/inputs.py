@@ -1,10 +1,12 @@
 """What `vitreg extract` reads: a folder of images or a `datasets` dataset, decoded and preprocessed in workers.
 
 An unreadable image does not stop the run: the worker returns the reason instead of pixels, and the caller decides
-(skip and list it, or stop with --strict).
+(skip and list it, or stop with --strict). A dataset's other columns (a label, a caption) go to the output rows.
 """
 
+import importlib
 import io
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +18,9 @@ from PIL import Image, UnidentifiedImageError
 from vitreg.core.errors import UserError
 from vitreg.core.images import IMAGE_SUFFIXES
 
+from .features import WHAT
+
+logger = logging.getLogger(__name__)
 DATASET_FILES = ("state.json", "dataset_dict.json")  # what `save_to_disk` writes
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -28,6 +33,7 @@ class ImageList:
     ids: list[str]
     files: list[Path] | None = None  # a folder of images
     dataset: object | None = None  # a `datasets.Dataset` whose one column holds the undecoded images
+    others: object | None = None  # a `datasets.Dataset` of the source's other columns, row for row (None: none)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -44,15 +50,33 @@ class ImageList:
         with Image.open(source) as image:
             return image.convert("RGB")
 
+    def other_features(self) -> dict:
+        """The `datasets` features of the source's other columns, as the source declares them."""
+        return dict(self.others.features) if self.others is not None else {}
+
+    def other_values(self, indices: list[int]) -> dict[str, list]:
+        """The source's other columns of rows `indices`: `{column: [value, ...]}`."""
+        return self.others[indices] if self.others is not None else {}
+
+
+def datasets_module():
+    """`datasets`, or the one-line error naming the extra that installs it (it is imported only when needed)."""
+    try:
+        return importlib.import_module("datasets")
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] != "datasets":
+            raise
+        raise UserError(
+            "needs the package 'datasets', which the [extract] extra installs: pip install 'vitreg[extract]'"
+        ) from None
+
 
 def list_images(source: str | Path, *, split: str = "train", image_column: str | None = None) -> ImageList:
     """A folder of images (searched recursively, sorted), a `save_to_disk` dataset folder, or a Hub dataset id."""
     text = str(source)
     path = Path(text).expanduser()
     if path.is_dir() and any((path / name).is_file() for name in DATASET_FILES):
-        from datasets import load_from_disk
-
-        return _dataset_images(load_from_disk(str(path)), text, split, image_column)
+        return _dataset_images(datasets_module().load_from_disk(str(path)), text, split, image_column)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
@@ -62,10 +86,8 @@ def list_images(source: str | Path, *, split: str = "train", image_column: str |
         raise UserError(f"{text}: give a folder of images or a dataset, not a file")
     if not HUB_ID.fullmatch(text):
         raise UserError(f"{text} does not exist (a folder of images, a saved dataset or a Hub dataset id)")
-    from datasets import load_dataset
-
     try:
-        dataset = load_dataset(text, split=split)
+        dataset = datasets_module().load_dataset(text, split=split)
     except (FileNotFoundError, ConnectionError, ValueError) as error:
         raise UserError(f"cannot load the dataset {text}: {str(error).splitlines()[0]}") from None
     return _dataset_images(dataset, text, split, image_column)
@@ -86,10 +108,27 @@ def _dataset_images(dataset, name: str, split: str, image_column: str | None) ->
         image_column = "image" if "image" in images else images[0]
     elif image_column not in images:
         raise UserError(f"{name}: {image_column!r} is not an image column (image columns: {images or 'none'})")
+    others = _other_columns(dataset, name)
     dataset = dataset.select_columns([image_column]).cast_column(image_column, ImageFeature(decode=False))
     if image_column != "image":
         dataset = dataset.rename_column(image_column, "image")
-    return ImageList([str(index) for index in range(len(dataset))], dataset=dataset)
+    return ImageList([str(index) for index in range(len(dataset))], dataset=dataset, others=others)
+
+
+def _other_columns(dataset, name: str):
+    """The columns to carry into the output rows: all but those holding media (images, audio), renamed
+    `source_<name>` where they would collide with the output's own (`id`, the features)."""
+    from datasets.features.features import require_decoding
+
+    kept = [column for column, feature in dataset.features.items() if not require_decoding(feature)]
+    if not kept:
+        return None
+    others = dataset.select_columns(kept)
+    clashes = {column: f"source_{column}" for column in kept if column in ("id", *WHAT)}
+    if clashes:
+        logger.warning(f"{name}: columns {', '.join(clashes)} are written as {', '.join(clashes.values())}")
+        others = others.rename_columns(clashes)
+    return others
 
 
 class Preprocessed(torch.utils.data.Dataset):

@@ -1,6 +1,7 @@
 """The features folder: Arrow shards that appear whole or not at all, and a manifest that makes the folder a dataset.
 
     FEATURES/job.json            the settings, written first: a rerun with the same settings resumes
+    FEATURES/.vitreg             the marker of every folder vitreg writes (what --overwrite may replace)
     FEATURES/shards/00000.arrow  one shard per `shard_size` images, renamed into place once complete
     FEATURES/shards/00000.json   its row count and the images it skipped
     FEATURES/extract.json        the summary (settings, rows, skipped images, images/s)
@@ -14,10 +15,11 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 from vitreg.core.errors import UserError
-from vitreg.core.folders import atomic_output_file
+from vitreg.core.folders import MARKER, atomic_output_file, check_output_dir, writable_parent
 
 JOB_FILE, SUMMARY_FILE, STATE_FILE = "job.json", "extract.json", "state.json"
 SHARDS = "shards"
@@ -29,16 +31,50 @@ def write_json(path: Path, value: dict) -> None:
         staging.write_text(json.dumps(value, indent=1) + "\n")
 
 
-def refuse_finished(folder: Path, overwrite: bool) -> None:
-    """Refuse, before any work, a folder of finished features or of anything else (unless `overwrite`)."""
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"{folder} exists and is not a folder")
-    if overwrite or not folder.is_dir() or not any(folder.iterdir()):
-        return
-    if (folder / STATE_FILE).is_file():
+def refuse_finished(folder: Path, overwrite: bool, inputs: Iterable[str | Path] = ()) -> None:
+    """Refuse, before any work, a folder of finished features (unless `overwrite`), a folder vitreg did not write
+    (even then), and the places no output may go; an unfinished extraction is let through to be resumed."""
+    if (folder / STATE_FILE).is_file() and not overwrite:
         raise UserError(f"{folder} holds finished features; pass --overwrite to replace them")
-    if not (folder / JOB_FILE).is_file():
-        raise UserError(f"{folder} is not empty; pass --overwrite to replace it")
+    resuming = (folder / JOB_FILE).is_file() and not overwrite
+    check_output_dir(folder, overwrite or resuming, inputs)
+
+
+# How each setting of job.json is named when a rerun differs: the flag that sets it, or what it is derived from.
+SETTING_NAMES = {
+    "model": "MODEL",
+    "revision": "--revision",
+    "images": "IMAGES_OR_DATASET",
+    "split": "--split",
+    "image_column": "--image-column",
+    "columns": "the dataset's other columns",
+    "num_images": "the number of images",
+    "ids_sha256": "the list of images",
+    "image_size": "--image-size",
+    "grid": "the patch grid",
+    "num_register_tokens": "the model's registers (trained + test-time)",
+    "what": "--what",
+    "layers": "--layers",
+    "dtype": "--dtype",
+    "shard_size": "--shard-size",
+    "vitreg_version": "the vitreg version",
+}
+
+
+def changes(before: dict, after: dict) -> list[str]:
+    """What differs between two jobs, in the words of their flags: `--what was cls, now cls,patch`."""
+
+    def shown(key: str, value) -> str:
+        if isinstance(value, list):
+            return ("x" if key in ("image_size", "grid") else ",").join(map(str, value)) or "none"
+        return "unset" if value is None else str(value)
+
+    keys = list(dict.fromkeys([*after, *before]))
+    return [
+        f"{SETTING_NAMES.get(key, key)} was {shown(key, before.get(key))}, now {shown(key, after.get(key))}"
+        for key in keys
+        if before.get(key) != after.get(key)
+    ]
 
 
 class ShardWriter:
@@ -72,23 +108,31 @@ class ShardWriter:
 class FeatureFolder:
     """The output folder of one extraction, new or resumed."""
 
-    def __init__(self, folder: str | Path, job: dict, features, num_shards: int, overwrite: bool = False):
+    def __init__(
+        self,
+        folder: str | Path,
+        job: dict,
+        features,
+        num_shards: int,
+        overwrite: bool = False,
+        inputs: Iterable[str | Path] = (),
+    ):
         self.folder, self.features, self.num_shards = Path(folder), features, num_shards
         self.job = json.loads(json.dumps(job))  # as it reads back from job.json
-        refuse_finished(self.folder, overwrite)
-        if overwrite and self.folder.exists():
-            shutil.rmtree(self.folder)
+        refuse_finished(self.folder, overwrite, inputs)
         previous = self.folder / JOB_FILE
-        if previous.is_file():
-            settings = json.loads(previous.read_text())
-            changed = [key for key in sorted(set(settings) | set(self.job)) if settings.get(key) != self.job.get(key)]
+        if previous.is_file() and not overwrite:
+            changed = changes(json.loads(previous.read_text()), self.job)
             if changed:
-                key = changed[0]
                 raise UserError(
-                    f"{self.folder} holds an unfinished extraction with other settings ({key}: {settings.get(key)!r} "
-                    f"there, {self.job.get(key)!r} now); rerun it as it was to resume, or pass --overwrite"
+                    f"{self.folder} holds an unfinished extraction with other settings ({'; '.join(changed)}): "
+                    "rerun it as it was to resume, or pass --overwrite to start again"
                 )
-        (self.folder / SHARDS).mkdir(parents=True, exist_ok=True)
+        if overwrite and self.folder.exists():
+            shutil.rmtree(self.folder)  # refuse_finished made sure vitreg wrote it
+        writable_parent(previous)  # creates the folder, or says in one line why it cannot
+        (self.folder / SHARDS).mkdir(exist_ok=True)
+        (self.folder / MARKER).write_text("written by vitreg extract; `--overwrite` may replace this folder\n")
         for partial in (self.folder / SHARDS).glob(".*.partial"):  # a shard a killed run was writing
             partial.unlink()
         write_json(previous, self.job)

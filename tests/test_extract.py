@@ -6,12 +6,13 @@ import json
 import datasets
 import numpy as np
 import pytest
+import torch
 from conftest import make_vitreg, tiny_config
 from PIL import Image
 from transformers import pipeline
 
 from vitreg.cli import main
-from vitreg.core import Provenance, UserError, sample_photos
+from vitreg.core import Provenance, UserError, image_processor, sample_photos
 from vitreg.extract import BACKENDS, extract_features, load_features
 from vitreg.extract.output import ShardWriter
 from vitreg.model_cards import save_model_folder
@@ -104,7 +105,7 @@ def test_an_interrupted_run_resumes_without_recomputing_finished_shards(folders,
         load_features(out)
     with pytest.raises(FileNotFoundError):
         datasets.load_from_disk(str(out))  # never presented as complete
-    with pytest.raises(UserError, match=r"other settings \(what: \['cls', 'patch'\] there, \['cls'\] now\)"):
+    with pytest.raises(UserError, match=r"other settings \(--what was cls,patch, now cls\): rerun it as it was"):
         extract_features(folders / "model", folders / "photos", out, **{**options, "what": "cls"})
     first_shard = (out / "shards" / "00000.arrow").stat().st_mtime_ns
     seen = []
@@ -130,7 +131,7 @@ def test_an_interrupted_run_resumes_without_recomputing_finished_shards(folders,
 def test_cli_layers_and_sizes(folders, tmp_path, capsys):
     out = tmp_path / "layers"
     argv = ["extract", str(folders / "model"), str(folders / "photos"), "--out", str(out), "--image-size", "56"]
-    assert main([*argv, "--layers", "0", "-1", "--workers", "0", "--no-progress"]) == 0
+    assert main([*argv, "--layers", "0,-1", "--workers", "0", "--no-progress"]) == 0  # the one --layers format
     printed = capsys.readouterr().out
     assert "5 images" in printed and "images/s" in printed
     features = load_features(out)
@@ -151,9 +152,10 @@ def test_bad_requests_are_one_line_errors(folders, tmp_path, capsys):
     cases = {
         "--what takes a comma-separated list": [model, photos, "--what", "cls,everything"],
         "no register tokens": [str(no_registers), photos, "--what", "registers"],
-        "not a multiple of the patch size 14": [model, photos, "--image-size", "50"],
+        "--image-size 50 is not a positive multiple of the patch size 14": [model, photos, "--image-size", "50"],
         "'pooled' is the final output's": [model, photos, "--what", "pooled", "--layers", "1"],
-        "--layers: the model has blocks 0..1": [model, photos, "--layers", "2"],
+        "--layers '2': the model has blocks 0-1": [model, photos, "--layers", "2"],
+        "--layers '1-0': range 1-0 runs backwards": [model, photos, "--layers", "1-0"],
         "does not exist": [model, str(tmp_path / "absent")],
         "org/absent is not in the Hub cache": ["org/absent", photos],
     }
@@ -162,3 +164,55 @@ def test_bad_requests_are_one_line_errors(folders, tmp_path, capsys):
         error = capsys.readouterr().err.strip().splitlines()[-1]
         assert error.startswith("vitreg extract: error: ") and message in error, error
     assert not (tmp_path / "out" / "state.json").exists()
+
+
+def model_tokens(folder, image: Image.Image, processor=None):
+    """The model's own output for one image, through transformers' Auto classes and the folder's processor."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    processor = processor or AutoImageProcessor.from_pretrained(folder)
+    model = AutoModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        return model(processor(image, return_tensors="pt")["pixel_values"])
+
+
+@pytest.mark.parametrize("trained, test_time", [(4, 1), (0, 2)])
+def test_registers_include_the_test_time_ones(folders, tmp_path, trained, test_time):
+    # Issue 19 item 1: the column was declared with the trained registers only and written with all of them
+    # (unreadable later), and a model with test-time registers only was refused `registers`.
+    config = tiny_config(
+        num_register_tokens=trained, num_test_time_registers=test_time, register_neurons=[[0, 3], [1, 7]]
+    )
+    save_model_folder(make_vitreg(config), tmp_path / "model", Provenance(kind="random"))
+    what = "cls,registers,patch"
+    summary = extract_features(tmp_path / "model", folders / "photos", tmp_path / "final", what=what, workers=0,
+                               progress=False)  # fmt: skip
+    assert summary["num_register_tokens"] == trained + test_time
+    final = load_features(tmp_path / "final")
+    assert array(final, "registers").shape == (5, trained + test_time, 32)
+    extract_features(tmp_path / "model", folders / "photos", tmp_path / "layers", what=what, layers="0,-1", workers=0,
+                     progress=False)  # fmt: skip
+    layers = load_features(tmp_path / "layers")
+    assert array(layers, "registers").shape == (5, 2, trained + test_time, 32)
+    for row, name in enumerate(final["id"]):
+        reference = model_tokens(tmp_path / "model", Image.open(folders / "photos" / name))
+        registers = reference.register_tokens[0].numpy()  # [R + T, D]: the model's own cut
+        assert np.abs(registers[trained:]).max() > 0.1  # the test-time registers carry something
+        assert np.abs(array(final, "registers")[row] - registers).max() <= 1e-4
+        assert np.abs(array(layers, "registers")[row, 1] - registers).max() <= 1e-4  # block -1, normed: the output
+        assert np.abs(array(final, "patch")[row] - reference.patch_tokens[0].numpy()).max() <= 1e-4
+
+
+def test_image_size_keeps_the_processors_resize_ratio(folders, tmp_path):
+    # Issue 19 item 2/19: --image-size N is the side the model sees, the short side resized by the processor's own
+    # ratio (here 1: resize to 224, crop 224), not always DINOv2's 256/224.
+    tight = image_processor(224, resize_size=224)
+    save_model_folder(make_vitreg(tiny_config()), tmp_path / "model", Provenance(kind="random"), processor=tight)
+    summary = extract_features(tmp_path / "model", folders / "photos", tmp_path / "out", image_size=112, what="cls",
+                               workers=0, progress=False)  # fmt: skip
+    assert summary["image_size"] == [112, 112]
+    features = load_features(tmp_path / "out")
+    reference_processor = image_processor(112, resize_size=112)  # restated: short side to 112, center crop 112
+    for row, name in enumerate(features["id"]):
+        reference = model_tokens(tmp_path / "model", Image.open(folders / "photos" / name), reference_processor)
+        assert np.abs(array(features, "cls")[row] - reference.last_hidden_state[0, 0].numpy()).max() <= 1e-4

@@ -15,7 +15,7 @@ from .errors import UserError
 
 MARKER = ".vitreg"  # in every folder vitreg writes: what may be replaced with --overwrite
 # Folders written before the marker existed are recognised by the manifest a tool writes into them.
-MANIFESTS = ("provenance.json", "extract.json", "report.json", "run.json")
+MANIFESTS = ("provenance.json", "extract.json", "job.json", "report.json", "run.json")
 
 
 def umask() -> int:
