@@ -3,7 +3,8 @@
 import argparse
 from pathlib import Path
 
-from vitreg.core.flags import spellings
+from vitreg.core.errors import UserError
+from vitreg.core.flags import add_common_flags, spellings
 
 from .onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, export_onnx
 
@@ -14,8 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "model",
         metavar="MODEL",
-        help="a ViTReg folder or Hub repo, or any source vitreg convert reads (a DINOv2 / timm / transformers "
-        "checkpoint or Hub repo, an official name such as dinov2_vits14_reg4), converted in memory",
+        help="a ViTReg folder or Hub repo, or any source vitreg convert reads (a DINOv2 / DINOv3 / timm / "
+        "transformers checkpoint or Hub repo, an official name such as dinov2_vits14_reg4), converted in memory",
     )
     parser.add_argument("output", metavar="OUT.onnx", type=Path, help="the graph to write")
     parser.add_argument(
@@ -27,10 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         *spellings("--image-size"),
-        nargs=2,
+        nargs="+",
         type=int,
-        metavar=("H", "W"),
-        help="the fixed size, or the example size of a --dynamic export (default: the config's image_size)",
+        metavar="N",
+        help="the size of the images the graph takes, N (N x N) or H W, multiples of the patch size; the fixed size, "
+        "or the example size of a --dynamic export (default: the config's image_size)",
     )
     parser.add_argument(
         *spellings("--opset"),
@@ -52,9 +54,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="skip running the graph with onnxruntime against PyTorch (by default every output must match to 1e-4)",
     )
-    parser.add_argument(*spellings("--revision"), help="branch, tag or commit of a Hub repo MODEL (default: main)")
-    parser.add_argument(*spellings("--overwrite"), action="store_true", help="replace OUT.onnx if it exists")
-    parser.add_argument(*spellings("--no-progress"), action="store_true", help="no progress bar")
+    add_common_flags(parser, "revision", "overwrite", "no_progress")
+
+
+def image_size(values: list[int] | None) -> tuple[int, int] | None:
+    """`--image-size N` or `--image-size H W` as (H, W)."""
+    if values is None:
+        return None
+    if len(values) > 2:
+        raise UserError(f"--image-size takes N or H W, got {len(values)} numbers")
+    return values[0], values[-1]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         args.output,
         head=args.head,
         dynamic=args.dynamic,
-        image_size=tuple(args.image_size) if args.image_size else None,
+        image_size=image_size(args.image_size),
         opset=args.opset,
         overwrite=args.overwrite,
         verify=not args.no_verify,

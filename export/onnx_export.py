@@ -5,12 +5,8 @@ dynamic graph computes DINOv2's antialiased or 0.1-offset bicubic interpolation 
 rotary positions (RoPE) are sines and cosines of the patch coordinates, arithmetic on the grid size as well.
 """
 
-import os
-import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,9 +15,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from vitreg.conversion.loading import folder_config, load_backbone
-from vitreg.conversion.sources import resolve_source
 from vitreg.core.errors import UserError
+from vitreg.core.folders import atomic_output_file
+from vitreg.core.images import check_image_size
+from vitreg.core.opening import first_line, is_vitreg_folder, open_model
 from vitreg.modeling_vitreg import (
     ViTRegBackbone,
     ViTRegConfig,
@@ -29,6 +26,8 @@ from vitreg.modeling_vitreg import (
     ViTRegModel,
     ViTRegPreTrainedModel,
 )
+
+from .extra import require
 
 HEADS = {"model": ViTRegModel, "classification": ViTRegForImageClassification, "backbone": ViTRegBackbone}
 MODEL_OUTPUTS = ("last_hidden_state", "pooler_output", "register_tokens", "patch_tokens")
@@ -73,7 +72,7 @@ class ExportedViTReg(nn.Module):
     def __init__(self, model: ViTRegPreTrainedModel):
         super().__init__()
         self.model = model
-        self.head = next(name for name, cls in HEADS.items() if type(model) is cls)
+        self.head = next(name for name, cls in HEADS.items() if isinstance(model, cls))
         self.output_names = output_names(model)
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -94,59 +93,6 @@ def output_names(model: ViTRegPreTrainedModel) -> list[str]:
     return list(MODEL_OUTPUTS)
 
 
-def read_config(model_dir: str | Path, head: str = "model") -> ViTRegConfig:
-    """The config of a ViTReg folder, refusing folders that are not ViTReg or lack the asked-for head."""
-    model_dir = Path(model_dir)
-    if head not in HEADS:
-        raise UserError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
-    if not is_vitreg_folder(model_dir):
-        raise UserError(f"{model_dir} is not a ViTReg folder; convert it first with vitreg convert")
-    try:
-        config = ViTRegConfig.from_pretrained(model_dir)
-    except (ValueError, OSError) as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise UserError(f"{model_dir} is not a ViTReg folder: {reason}") from None
-    if head == "classification" and not any("ForImageClassification" in name for name in config.architectures or []):
-        raise UserError(f"{model_dir} has no classification head (its config names {config.architectures})")
-    return config
-
-
-def load_model(model_dir: str | Path, head: str = "model") -> ViTRegPreTrainedModel:
-    """A ViTReg folder as the `head` class (`model`, `classification`, `backbone`), fp32, eval, SDPA attention."""
-    read_config(model_dir, head)
-    model, info = HEADS[head].from_pretrained(
-        model_dir, dtype=torch.float32, attn_implementation="sdpa", output_loading_info=True
-    )
-    missing = [key for key in info["missing_keys"] if head != "backbone" or "classifier" not in key]
-    if missing:
-        raise UserError(f"{model_dir} lacks weights the {head} needs, e.g. {sorted(missing)[0]}")
-    return model.eval()
-
-
-def open_source(
-    model: str | Path | ViTRegPreTrainedModel, head: str, revision: str | None = None
-) -> tuple[ViTRegConfig, Callable[[], ViTRegPreTrainedModel]]:
-    """The config of what will be exported, and how to load it (deferred, so refusals cost no loading).
-
-    A loaded model; a ViTReg folder or Hub repo, as `head`; or any source `vitreg convert` reads (a DINOv2, timm or
-    transformers checkpoint or Hub repo, an official DINOv2 name), converted in memory to the bare model.
-    """
-    if isinstance(model, ViTRegPreTrainedModel):
-        return model.config, lambda: model
-    path = resolve_source(model, revision=revision, head=False).path
-    if is_vitreg_folder(path):
-        return read_config(path, head), lambda: load_model(path, head)
-    if head != "model":
-        raise UserError(f"--head {head} needs a ViTReg folder; {model} is not one (convert it with vitreg convert)")
-    backbone, _ = load_backbone(path)
-    return backbone.config, lambda: backbone
-
-
-def is_vitreg_folder(path: Path) -> bool:
-    """Whether `path` is a folder whose config.json names a ViTReg model (unreadable JSON: a UserError)."""
-    return path.is_dir() and (folder_config(path) or {}).get("model_type") == ViTRegConfig.model_type
-
-
 def check_opset(opset: int) -> None:
     """Refuse opsets torch's exporter cannot write, naming the usable range."""
     if opset < MIN_OPSET:
@@ -158,14 +104,31 @@ def check_opset(opset: int) -> None:
         raise UserError(f"opset {opset} is newer than torch {torch.__version__} can write (at most {MAX_OPSET})")
 
 
-def check_image_size(config: ViTRegConfig, image_size: tuple[int, int], dynamic: bool) -> None:
-    """Refuse an example size the patch size does not divide, or too small for a dynamic graph."""
-    height, width = image_size
-    patch = config.patch_size
-    if height <= 0 or width <= 0 or height % patch or width % patch:
-        raise UserError(f"image size {height}x{width} is not a multiple of the patch size {patch}")
-    if dynamic and min(height, width) < MIN_DYNAMIC_PATCHES * patch:
-        raise UserError(f"a dynamic export needs an example of at least {MIN_DYNAMIC_PATCHES * patch} px a side")
+def folder_config_before_loading(model: object, head: str) -> ViTRegConfig | None:
+    """The config of a local ViTReg folder, refusing a missing classification head before any weights load (None for
+    every other source: only opening it tells its config)."""
+    if isinstance(model, nn.Module) or not is_vitreg_folder(Path(str(model)).expanduser()):
+        return None
+    try:
+        config = ViTRegConfig.from_pretrained(Path(str(model)).expanduser())
+    except (OSError, ValueError, TypeError) as error:
+        raise UserError(f"{model} is not a valid ViTReg folder: {first_line(error)}") from None
+    if head == "classification" and not any("ForImageClassification" in a for a in config.architectures or []):
+        raise UserError(f"{model} has no classification head (its config names {config.architectures})")
+    return config
+
+
+def export_size(config: ViTRegConfig, image_size: tuple[int, int] | None, dynamic: bool) -> tuple[int, int]:
+    """The size to export at (default: the config's), refusing one the patch size does not tile or, for a dynamic
+    graph, one too small to trace."""
+    height, width = image_size or (config.image_size, config.image_size)
+    for side in (height, width):
+        check_image_size(side, config.patch_size)
+    if dynamic and min(height, width) < MIN_DYNAMIC_PATCHES * config.patch_size:
+        raise UserError(
+            f"a dynamic export needs an example of at least {MIN_DYNAMIC_PATCHES * config.patch_size} px a side"
+        )
+    return height, width
 
 
 def dynamic_shapes(patch_size: int) -> dict:
@@ -176,43 +139,12 @@ def dynamic_shapes(patch_size: int) -> dict:
     return {"pixel_values": {0: batch, 2: patch_size * rows, 3: patch_size * cols}}
 
 
-def check_output(output: Path, overwrite: bool) -> None:
-    """Refuse a folder in the output's place, or an existing file without `overwrite`."""
-    if output.is_dir():
-        raise UserError(f"{output} is a folder, not a file")
-    if output.exists() and not overwrite:
-        raise UserError(f"{output} exists; pass --overwrite to replace it")
-
-
-@contextmanager
-def staged_output(output: Path, overwrite: bool) -> Iterator[Path]:
-    """A path in a staging folder beside `output`; its files (graph and weights) replace the outputs on success."""
-    check_output(output, overwrite)
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    except OSError as error:
-        raise UserError(f"cannot write {output}: {error.strerror or error}") from None
-    try:
-        yield staging / output.name
-        data = output.with_name(output.name + ".data")
-        staged_data = staging / data.name
-        if staged_data.exists():
-            os.replace(staged_data, data)
-        elif data.exists():
-            data.unlink()  # an older export's weights, which the new graph does not read
-        os.replace(staging / output.name, output)  # last: the graph appears only when its weights are there
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def verification_sizes(config: ViTRegConfig, image_size: tuple[int, int], dynamic: bool) -> list[tuple[int, int]]:
+def verification_sizes(patch_size: int, image_size: tuple[int, int], dynamic: bool) -> list[tuple[int, int]]:
     """The export size and, for a dynamic graph, a non-square size the export never saw."""
     sizes = [image_size]
     if dynamic:
-        patch = config.patch_size
-        rows, cols = image_size[0] // patch, image_size[1] // patch
-        sizes.append(((rows + 3) * patch, max(cols - 2, MIN_DYNAMIC_PATCHES) * patch))
+        rows, cols = image_size[0] // patch_size, image_size[1] // patch_size
+        sizes.append(((rows + 3) * patch_size, max(cols - 2, MIN_DYNAMIC_PATCHES) * patch_size))
     return sizes
 
 
@@ -234,8 +166,18 @@ def compare_with_pytorch(
     return diffs
 
 
-def write_graph(wrapper: ExportedViTReg, path: Path, image_size: tuple[int, int], dynamic: bool, opset: int) -> None:
-    """Trace `wrapper` with torch.export, translate it to ONNX at `opset` and save it (weights beside it if large)."""
+def write_graph(
+    wrapper: ExportedViTReg,
+    path: Path,
+    image_size: tuple[int, int],
+    dynamic: bool,
+    opset: int,
+    weights: Path | None = None,
+) -> None:
+    """Trace `wrapper` with torch.export, translate it to ONNX at `opset` and save it at `path`, its weights in the
+    file `weights` beside it when given (protobuf stops at 2 GiB)."""
+    import onnx_ir  # torch.onnx's own model format and writer, installed with onnxscript
+
     config = wrapper.model.config
     example = torch.zeros(2, config.num_channels, *image_size)
     with torch.inference_mode(False), torch.no_grad():
@@ -258,8 +200,20 @@ def write_graph(wrapper: ExportedViTReg, path: Path, image_size: tuple[int, int]
             "vitreg.image_size": "{}x{}".format(*image_size),
         }
     )
-    weights = sum(p.numel() * p.element_size() for p in wrapper.model.parameters())
-    program.save(str(path), external_data=weights >= EXTERNAL_DATA_BYTES)
+    # `external_data` is a file name relative to the graph's folder; the graph names it, ONNX Runtime reads it.
+    onnx_ir.save(program.model, path, external_data=weights.name if weights else None)
+
+
+def point_weights_at(graph: Path, name: str) -> None:
+    """Make the graph at `graph` read its external weights from the file `name` beside it (their final name)."""
+    import onnx
+
+    proto = onnx.load(str(graph), load_external_data=False)
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = name
+    graph.write_bytes(proto.SerializeToString())
 
 
 def export_onnx(
@@ -277,39 +231,53 @@ def export_onnx(
 ) -> OnnxExport:
     """Export a model to `output`, checked with `onnx.checker` and against PyTorch.
 
-    `model`: a loaded ViTReg model, a ViTReg folder or Hub repo (exported as `head`: "model", "classification" or
-    "backbone"), or any source `vitreg convert` reads — a DINOv2 / timm / transformers checkpoint or Hub repo (at
-    `revision`), an official DINOv2 name — converted in memory and exported as the bare model.
+    `model`: anything `vitreg.core.opening.open_model` opens, as `head` ("model", "classification" or "backbone"): a
+    ViTReg folder or Hub repo, any source `vitreg convert` reads (a DINOv2 / DINOv3 / timm / transformers checkpoint
+    or Hub repo at `revision`, an official name), converted in memory, or a loaded ViTReg model (exported as the
+    class it is, on the CPU).
 
     `dynamic` leaves batch, height and width free (any multiple of the patch size, at least 2 patches a side);
     otherwise the graph takes `image_size` (default: the config's) and any batch. With `verify`, ONNX Runtime runs
     the file at the export size (and, if dynamic, at a size the export never saw) and every output must match
-    PyTorch to 1e-4; nothing is written if it does not.
+    PyTorch to 1e-4; nothing is written if it does not. Models of 1 GiB of weights or more keep them in
+    `OUT.onnx.data` beside the graph, written with it.
     """
-    import onnx
-
+    require("onnx", "onnxscript", *(["onnxruntime"] if verify else []))
     check_opset(opset)
     output = Path(output)
-    check_output(output, overwrite)
-    config, load = open_source(model, head, revision)
-    image_size = tuple(image_size or (config.image_size, config.image_size))
-    check_image_size(config, image_size, dynamic)
+    weights_file = Path(f"{output}.data")  # beside the graph, named after it
+    config = folder_config_before_loading(model, head)
+    if config is not None:
+        export_size(config, image_size, dynamic)
     start = time.perf_counter()
-    # Every check that needs no weights came first: a refused export costs no loading.
-    bar = {"total": 3 + verify, "desc": "export onnx", "unit": "step", "disable": not progress}
-    with staged_output(output, overwrite) as staged, tqdm(**bar) as steps:
-        wrapper = ExportedViTReg(load().eval()).eval()
-        steps.update()
-        write_graph(wrapper, staged, image_size, dynamic, opset)
-        steps.update()
-        onnx.checker.check_model(str(staged), full_check=True)
-        steps.update()
-        diffs = compare_with_pytorch(staged, wrapper, verification_sizes(config, image_size, dynamic)) if verify else {}
-        steps.update(verify)
+    # Every check that needs no weights comes before loading, the output's included: a refused export costs nothing.
+    with ExitStack() as outputs:
+        graph = outputs.enter_context(atomic_output_file(output, overwrite))
+        opened = open_model(model, revision=revision, head=head, device="cpu", progress=progress)
+        wrapper = ExportedViTReg(opened.model.eval()).eval()
+        config = wrapper.model.config
+        image_size = export_size(config, image_size, dynamic)
+        external = sum(p.numel() * p.element_size() for p in wrapper.model.parameters()) >= EXTERNAL_DATA_BYTES
+        # Entered last, so replaced first: the graph appears only once its weights are in place.
+        weights = outputs.enter_context(atomic_output_file(weights_file, overwrite)) if external else None
+        with tqdm(total=2 + verify, desc="export onnx", unit="step", disable=not progress) as steps:
+            write_graph(wrapper, graph, image_size, dynamic, opset, weights)
+            steps.update()
+            import onnx
+
+            onnx.checker.check_model(str(graph), full_check=True)
+            steps.update()
+            sizes = verification_sizes(config.patch_size, image_size, dynamic)
+            diffs = compare_with_pytorch(graph, wrapper, sizes) if verify else {}
+            steps.update(verify)
         worst = max(diffs.values(), default=0.0)
         if not worst <= TOLERANCE:  # also catches NaN
             raise UserError(f"onnxruntime disagrees with PyTorch by {worst:.2e} (> {TOLERANCE:g}); nothing written")
-        size = sum(path.stat().st_size for path in staged.parent.iterdir())
+        if weights:
+            point_weights_at(graph, weights_file.name)
+        size = graph.stat().st_size + (weights.stat().st_size if weights else 0)
+    if not external and overwrite and weights_file.is_file():
+        weights_file.unlink()  # an older export's weights, which the new graph does not read
     return OnnxExport(
         path=output,
         head=wrapper.head,

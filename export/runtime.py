@@ -6,6 +6,8 @@ import numpy as np
 
 from vitreg.core.errors import UserError
 
+from .extra import require
+
 
 class ONNXRuntimeModel:
     """An exported ViTReg `.onnx` file: `model(pixel_values)` returns its outputs by name as NumPy arrays.
@@ -16,6 +18,7 @@ class ONNXRuntimeModel:
     """
 
     def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int | None = None):
+        require("onnxruntime")
         import onnxruntime
 
         path = Path(path)

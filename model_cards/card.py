@@ -8,6 +8,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from safetensors import safe_open
 
 from vitreg import __version__  # the package root holds only the version
+from vitreg.core.images import IMAGENET_MEAN, IMAGENET_STD, SATELLITE_MEAN, SATELLITE_STD
 from vitreg.core.provenance import PROVENANCE_FILE, NeuronShift, Parity, Provenance
 
 from . import registry
@@ -15,6 +16,7 @@ from . import registry
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "modelcard.md"
 EXAMPLE_IMAGE_URL = "http://images.cocodataset.org/val2017/000000039769.jpg"  # the usage snippets' one image
 UNPUBLISHED_REPO_ID = "ORG/NAME"  # stands in the snippets until `vitreg publish` writes the real repo id
+RESAMPLING = {2: "bilinear", 3: "bicubic"}  # PIL's codes, as transformers' image processors store `resample`
 
 REGISTERS_BIBTEX = """@inproceedings{darcet2024registers,
   title     = {Vision Transformers Need Registers},
@@ -254,18 +256,40 @@ def details(config: dict, preprocessor: dict, num_parameters: int | None) -> lis
         ("Pooling", "CLS token" if config.get("pooling", "cls") == "cls" else "mean of the patch tokens"),
     ]
     if preprocessor:
-        resize = preprocessor.get("size", {})
-        crop = preprocessor.get("crop_size", {})
-        rows.append(
-            (
-                "Preprocessing",
-                f"resize shortest edge to {resize.get('shortest_edge', '?')} px (bicubic), center crop "
-                f"{crop.get('height', '?')}x{crop.get('width', '?')}, ImageNet mean / std",
-            )
-        )
+        rows.append(("Preprocessing", preprocessing_text(preprocessor)))
     if _is_classifier(config):
         rows.append(("Classes", str(len(config.get("id2label") or {}) or config.get("num_labels", "?"))))
     return rows
+
+
+def preprocessing_text(preprocessor: dict) -> str:
+    """The "Preprocessing" cell: what the folder's own `preprocessor_config.json` does, step by step."""
+    size = preprocessor.get("size") or {}
+    resample = RESAMPLING.get(preprocessor.get("resample"), "resampled")
+    if "shortest_edge" in size:
+        steps = [f"resize shortest edge to {size['shortest_edge']} px ({resample})"]
+    else:
+        steps = [f"resize the whole image to {size.get('height', '?')}x{size.get('width', '?')} px ({resample})"]
+    crop = preprocessor.get("crop_size") or {}
+    if preprocessor.get("do_center_crop") and crop:
+        steps.append(f"center crop {crop.get('height', '?')}x{crop.get('width', '?')}")
+    elif "shortest_edge" not in size:
+        steps.append("no crop")
+    mean, std = preprocessor.get("image_mean"), preprocessor.get("image_std")
+    statistics = {(IMAGENET_MEAN, IMAGENET_STD): "ImageNet", (SATELLITE_MEAN, SATELLITE_STD): "SAT-493M (satellite)"}
+    named = statistics.get((rounded(mean), rounded(std))) if mean and std else None
+    if not preprocessor.get("do_normalize", True):
+        steps.append("no normalisation")
+    elif named:
+        steps.append(f"{named} mean / std")
+    else:
+        steps.append(f"mean {list(mean or [])}, std {list(std or [])}")
+    return ", ".join(steps)
+
+
+def rounded(values: list[float] | tuple[float, ...]) -> tuple[float, ...]:
+    """Statistics to 3 decimals, as DINOv2's and DINOv3's READMEs give them."""
+    return tuple(round(float(value), 3) for value in values)
 
 
 def uses_rope(config: dict) -> bool:
@@ -459,8 +483,7 @@ def license_notes(provenance: Provenance) -> list[str]:
         lines.append("ImageNet-1k, on which the head was trained, is available under its own research terms.")
     if provenance.kind == "trained":
         lines.append(
-            f"The weights were trained on {_datasets_text(provenance)}: check its license "
-            "before redistributing them."
+            f"The weights were trained on {_datasets_text(provenance)}: check its license before redistributing them."
         )
     lines.append("The model code (`configuration_vitreg.py`, `modeling_vitreg.py`) is ViTReg's, Apache License 2.0.")
     return lines

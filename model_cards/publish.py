@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -14,12 +15,16 @@ from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
 from vitreg.core.errors import UserError
 from vitreg.core.flags import spellings
+from vitreg.core.folders import MARKER
 from vitreg.core.provenance import PROVENANCE_FILE, Provenance
 
 from .card import build_card, read_provenance
 
+logger = logging.getLogger(__name__)  # `vitreg publish` shows these steps on stderr as they happen
+
 LOAD_CHECK = Path(__file__).with_name("load_check.py")
-IGNORE_PATTERNS = [".*", "**/.*", "__pycache__", "**/__pycache__/**", "*.pyc"]  # never part of a model repo
+# Never part of a model repo: vitreg's own output marker (named, though ".*" covers it), hidden files, caches.
+IGNORE_PATTERNS = [MARKER, ".*", "**/.*", "__pycache__", "**/__pycache__/**", "*.pyc"]
 REQUIRED_FILES = ("config.json", "preprocessor_config.json", "configuration_vitreg.py", "modeling_vitreg.py")
 PIPELINE_TAGS = ("image-feature-extraction", "image-classification")
 
@@ -103,6 +108,8 @@ def check_card(folder: Path, config: dict) -> ModelCard:
 
 def check_loads(folders: list[Path], timeout: float = 1800) -> list[dict]:
     """Load every folder as remote code in one fresh interpreter without the vitreg package; refuse on failure."""
+    names = folders[0] if len(folders) == 1 else f"{len(folders)} folders"
+    logger.info(f"loading {names} as remote code in a fresh interpreter, as a Hub user would (takes a few seconds)")
     with tempfile.TemporaryDirectory(prefix="vitreg-load-check-") as modules:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": modules, "TRANSFORMERS_VERBOSITY": "error"}
         env["TQDM_DISABLE"] = "1"
@@ -124,6 +131,7 @@ def check_loads(folders: list[Path], timeout: float = 1800) -> list[dict]:
 def validate_folders(folders: list[Path]) -> list[dict]:
     """All checks on every folder: files, card metadata, then a remote-code load in a fresh process."""
     for folder in folders:
+        logger.info(f"validating {folder}: files, weights and card metadata")
         config = read_config(folder)
         check_files(folder, config)
         check_card(folder, config)
@@ -176,12 +184,13 @@ def publish_folder(
     repo_id: str,
     *,
     private: bool = False,
-    revision: str | None = None,
+    branch: str | None = None,
     token: str | None = None,
     dry_run: bool = False,
     validate: bool = True,
 ) -> PublishResult:
-    """Validate `folder`, write `repo_id` into its card and upload it in one commit (or, with `dry_run`, list it)."""
+    """Validate `folder`, write `repo_id` into its card and upload it in one commit to `branch` (default: main,
+    created if missing), or, with `dry_run`, list what would go up."""
     folder = Path(folder)
     check_repo_id(repo_id)
     token = None if dry_run else hub_token(token)
@@ -190,6 +199,7 @@ def publish_folder(
     provenance = read_provenance(folder)
     if provenance is None:
         raise UserError(f"{folder} has no {PROVENANCE_FILE}: re-save it with ViTReg")
+    logger.info(f"rendering the model card of {folder} for {repo_id}")
     card = build_card(folder, provenance, repo_id)
     result = PublishResult(folder, repo_id, commit_message=commit_message(provenance))
     if dry_run:  # the folder stays as it is: list what would go up, the card at its new size
@@ -198,11 +208,12 @@ def publish_folder(
         return result
     card.save(folder / "README.md")
     result.files = upload_files(folder)
-    result.commit_url = upload(folder, repo_id, result.commit_message, private, revision, token)
+    logger.info(f"uploading {len(result.files)} files of {folder} to {repo_id}")
+    result.commit_url = upload(folder, repo_id, result.commit_message, private, branch, token)
     return result
 
 
-def upload(folder: Path, repo_id: str, message: str, private: bool, revision: str | None, token: str) -> str:
+def upload(folder: Path, repo_id: str, message: str, private: bool, branch: str | None, token: str) -> str:
     """create_repo + upload_folder; Hub and network errors become one-line UserErrors."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HTTPError, OfflineModeIsEnabled
@@ -210,12 +221,12 @@ def upload(folder: Path, repo_id: str, message: str, private: bool, revision: st
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private or None, exist_ok=True)  # None: the account default
-        if revision and not revision.startswith("refs/"):
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        if branch and not branch.startswith("refs/"):
+            api.create_branch(repo_id, branch=branch, exist_ok=True)
         info = api.upload_folder(
             repo_id=repo_id,
             folder_path=folder,
-            revision=revision,
+            revision=branch,
             commit_message=message,
             ignore_patterns=list(IGNORE_PATTERNS),
         )
@@ -244,15 +255,22 @@ def find_model_folders(root: Path) -> list[Path]:
 
 
 def publish_batch(
-    root: str | Path, org: str, *, private: bool = False, token: str | None = None, dry_run: bool = False
+    root: str | Path,
+    org: str,
+    *,
+    private: bool = False,
+    branch: str | None = None,
+    token: str | None = None,
+    dry_run: bool = False,
 ) -> list[PublishResult]:
     """Publish every ViTReg folder below `root` as ORG/<folder name>, after validating them all."""
     folders = find_model_folders(Path(root))
+    logger.info(f"found {len(folders)} ViTReg folder(s) below {root}")
     repo_ids = [check_repo_id(f"{org}/{folder.name}") for folder in folders]
     token = None if dry_run else hub_token(token)
     validate_folders(folders)  # all of them before the first upload: a batch goes up whole or not at all
     return [
-        publish_folder(folder, repo_id, private=private, token=token, dry_run=dry_run, validate=False)
+        publish_folder(folder, repo_id, private=private, branch=branch, token=token, dry_run=dry_run, validate=False)
         for folder, repo_id in zip(folders, repo_ids)
     ]
 
@@ -280,14 +298,28 @@ def report(result: PublishResult, dry_run: bool) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `vitreg publish`."""
-    parser.add_argument("model_dir", nargs="?", type=Path, help="a ViTReg folder (written by convert or pretrain)")
+    parser.add_argument(
+        "model_dir",
+        nargs="?",
+        type=Path,
+        metavar="MODEL_DIR",
+        help="a ViTReg folder (written by convert or pretrain); with --batch, a folder of them",
+    )
     parser.add_argument(*spellings("--repo-id"), help="target Hub repository, ORG/NAME")
-    parser.add_argument(*spellings("--batch"), type=Path, metavar="DIR", help="publish every ViTReg folder below DIR")
+    parser.add_argument(
+        *spellings("--batch"),
+        action="store_true",
+        help="publish every ViTReg folder below MODEL_DIR, each to ORG/<folder name> (needs --org)",
+    )
     parser.add_argument(
         *spellings("--org"), help="with --batch: the organisation; each folder goes to ORG/<folder name>"
     )
     parser.add_argument(*spellings("--private"), action="store_true", help="create the repository as private")
-    parser.add_argument(*spellings("--revision"), help="branch to commit to (created if missing); default main")
+    parser.add_argument(
+        *spellings("--branch"), help="branch of the Hub repository to commit to (created if missing; default: main)"
+    )
+    # Elsewhere --revision names the revision of a source model: here it is refused, pointing at --branch.
+    parser.add_argument(*spellings("--revision"), help=argparse.SUPPRESS)
     parser.add_argument(*spellings("--token"), help="Hugging Face token (default: HF_TOKEN or the stored login)")
     parser.add_argument(
         *spellings("--dry-run"), action="store_true", help="validate and list the files; no network, no token"
@@ -296,22 +328,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run `vitreg publish`."""
-    if args.batch is not None:
-        if args.model_dir is not None or args.repo_id or args.revision:
-            raise UserError("--batch takes --org, not MODEL_DIR, --repo-id or --revision")
+    if args.revision is not None:
+        raise UserError(
+            f"publish has no --revision (elsewhere it names a source model's revision): to commit to a branch, "
+            f"pass --branch {args.revision}"
+        )
+    if args.model_dir is None:
+        raise UserError("give MODEL_DIR and --repo-id ORG/NAME (or MODEL_DIR --batch --org ORG)")
+    if args.batch:
+        if args.repo_id:
+            raise UserError("--batch names each repository ORG/<folder name>: give --org ORG, not --repo-id")
         if not args.org:
             raise UserError("--batch needs --org ORG")
-        results = publish_batch(args.batch, args.org, private=args.private, token=args.token, dry_run=args.dry_run)
+        results = publish_batch(
+            args.model_dir, args.org, private=args.private, branch=args.branch, token=args.token, dry_run=args.dry_run
+        )
     else:
-        if args.model_dir is None or not args.repo_id:
-            raise UserError("give MODEL_DIR and --repo-id ORG/NAME (or --batch DIR --org ORG)")
+        if not args.repo_id:
+            raise UserError("give MODEL_DIR and --repo-id ORG/NAME (or MODEL_DIR --batch --org ORG)")
         if args.org:
             raise UserError("--org goes with --batch; give the full --repo-id ORG/NAME")
         result = publish_folder(
             args.model_dir,
             args.repo_id,
             private=args.private,
-            revision=args.revision,
+            branch=args.branch,
             token=args.token,
             dry_run=args.dry_run,
         )

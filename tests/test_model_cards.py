@@ -221,14 +221,16 @@ def serve_from_offline_cache(folder: Path, hf_home: Path, repo_id: str) -> None:
     (repo / "refs" / "main").write_text(HUB_REVISION)
 
 
-# Runs the snippets in a fresh interpreter where the project's packages cannot be imported (load_check hides
-# them), then prints every tensor / list they left behind so the test can compare real numbers.
+# Runs the snippets in a fresh interpreter where the project's packages cannot be imported (load_check, in the
+# folder given as the first argument, hides them; "" keeps them), then prints every tensor / list they left behind
+# so the test can compare real numbers.
 RUNNER = """
 import json, sys
-sys.path.insert(0, sys.argv[1])
-from load_check import HidePackages
-sys.path.pop(0)
-sys.meta_path.insert(0, HidePackages())
+if sys.argv[1]:
+    sys.path.insert(0, sys.argv[1])
+    from load_check import HidePackages
+    sys.path.pop(0)
+    sys.meta_path.insert(0, HidePackages())
 import torch
 results = []
 for code in json.loads(sys.stdin.read()):
@@ -300,3 +302,80 @@ def test_card_snippets_run_against_the_offline_hub_cache(tmp_path, photos):
     best = f"class {logits.argmax(-1).item()}"
     assert best in done.stdout
     assert PROVENANCE_FILE in {path.name for path in folders["vitreg-test/tiny-reg4"].iterdir()}
+
+
+def run_snippets(blocks: list[str], env: dict, cwd: Path, hide_vitreg: bool) -> tuple[list[dict], str]:
+    """Execute `blocks` in a fresh `python -I` (no working folder on the path) in `cwd`: what each left behind, and
+    the printed output."""
+    hidden = str(Path(model_cards.__file__).parent) if hide_vitreg else ""
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", RUNNER, hidden],
+        input=json.dumps(blocks),
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.split("RESULTS ", 1)[1]), done.stdout
+
+
+def test_unpublished_card_snippets_run_from_the_folder_with_and_without_vitreg(tmp_path, photos):
+    """An unpublished card says: set `repo_id` to this folder's path; and, with vitreg installed, that its one
+    import statement makes `trust_remote_code` unnecessary. Both run as written, each in a fresh interpreter."""
+    folders = [save(tmp_path, "backbone", CONVERTED), save(tmp_path, "classifier", WITH_HEAD, classifier=True)]
+    image_path = tmp_path / "chelsea.png"
+    photos[1].save(image_path)
+    as_written, with_vitreg = [], []
+    for folder in folders:
+        text = (folder / "README.md").read_text()
+        (statement,) = set(re.findall(r"`(import [\w.]+)`", text))  # the card's word on using the vitreg package
+        for code in re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL):
+            assert f'repo_id = "{UNPUBLISHED_REPO_ID}"' in code and code.count("trust_remote_code=True") == 1
+            code = code.replace(UNPUBLISHED_REPO_ID, str(folder)).replace(EXAMPLE_IMAGE_URL, str(image_path))
+            as_written.append(code)
+            with_vitreg.append(f"{statement}\n" + code.replace(", trust_remote_code=True", ""))
+    assert len(as_written) == 4
+
+    workdir = tmp_path / "empty"  # a user's working folder: no project folders to import from
+    workdir.mkdir()
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
+    without, _ = run_snippets(as_written, env, workdir, hide_vitreg=True)
+    installed, printed = run_snippets(with_vitreg, env, workdir, hide_vitreg=False)
+
+    # The same computation with the vitreg package, from the folders themselves.
+    processor = AutoImageProcessor.from_pretrained(folders[0])
+    pixels = processor(images=photos[1].convert("RGB"), return_tensors="pt")["pixel_values"]
+    backbone = ViTRegModel.from_pretrained(folders[0]).eval()
+    classifier = ViTRegForImageClassification.from_pretrained(folders[1]).eval()
+    with torch.no_grad():
+        expected = backbone(pixels)
+        logits = classifier(pixels).logits
+    close = dict(atol=1e-4, rtol=1e-4)
+    for pipeline_run, features_run, _, classifier_features_run in (without, installed):
+        torch.testing.assert_close(torch.tensor(pipeline_run["embedding"]), expected.pooler_output[0], **close)
+        torch.testing.assert_close(torch.tensor(features_run["image_embedding"]), expected.pooler_output, **close)
+        torch.testing.assert_close(torch.tensor(classifier_features_run["logits"]), logits, **close)
+    assert f"class {logits.argmax(-1).item()}" in printed
+
+
+def test_card_describes_the_folders_own_preprocessing(tmp_path):
+    """The "Preprocessing" row reads the folder's processor: DINOv2's crop, DINOv3's whole-image resize, SAT-493M
+    statistics, or a source's own processor kept as it is."""
+    from vitreg.core.images import image_processor
+
+    rope = tiny_config(position_embedding_type="rope", patch_size=16, image_size=64, num_attention_heads=2)
+    satellite = Provenance(kind="converted", source_format="dinov3-hub", source_file="dinov3_vitl16_sat493m.pth")
+    own = image_processor(crop_size=112, resize_size=128)
+    own.image_mean, own.image_std = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
+    cases = [
+        (tiny_config(), RANDOM, None, "resize shortest edge to 256 px (bicubic), center crop 224x224, ImageNet"),
+        (rope, RANDOM, None, "resize the whole image to 224x224 px (bilinear), no crop, ImageNet mean / std"),
+        (rope, satellite, None, "resize the whole image to 224x224 px (bilinear), no crop, SAT-493M (satellite)"),
+        (tiny_config(), RANDOM, own, "shortest edge to 128 px (bicubic), center crop 112x112, mean [0.5, 0.5, 0.5]"),
+    ]
+    for index, (config, provenance, processor, expected) in enumerate(cases):
+        folder = save_model_folder(ViTRegModel(config), tmp_path / str(index), provenance, processor=processor)
+        (row,) = [line for line in (folder / "README.md").read_text().splitlines() if "| Preprocessing |" in line]
+        assert expected in row, (index, row)
