@@ -80,6 +80,7 @@ def write_patterned_dinov3(path: Path, name: str) -> None:
 
     from vitreg.conversion.dinov3 import bias_mask, dinov3_config, dinov3_shapes
     from vitreg.conversion.memory import mapped_ranges, release_pages
+    from vitreg.modeling_vitreg.modeling_vitreg import rope_periods
 
     shapes = dinov3_shapes(name)
     with FakeTensorMode():
@@ -94,7 +95,7 @@ def write_patterned_dinov3(path: Path, name: str) -> None:
     ranges = mapped_ranges(path)
     for key, tensor in tensors.items():
         if key == "rope_embed.periods":
-            tensor.copy_(dinov3_config(name).rope_periods())
+            tensor.copy_(rope_periods(dinov3_config(name)))
         elif key.endswith("bias_mask"):
             tensor.copy_(bias_mask(tensor.shape[0]))
         else:

@@ -156,7 +156,9 @@ def vitreg_at(revision: str, model: ViTRegModel) -> nn.Module:
     package = Path(tempfile.mkdtemp(prefix="vitreg-at-")) / "vitreg_at_revision"
     package.mkdir()
     (package / "__init__.py").write_text("")  # the modules alone: nothing registers with the Auto classes
-    for name in ("configuration_vitreg.py", "modeling_vitreg.py"):
+    listed = ["git", "ls-tree", "--name-only", f"{revision}:modeling_vitreg"]
+    names = subprocess.run(listed, cwd=repo, capture_output=True, text=True, check=True).stdout.split()
+    for name in (name for name in names if name.endswith(".py") and name != "__init__.py"):  # the model's modules
         show = ["git", "show", f"{revision}:modeling_vitreg/{name}"]
         (package / name).write_text(subprocess.run(show, cwd=repo, capture_output=True, text=True, check=True).stdout)
     sys.path.insert(0, str(package.parent))

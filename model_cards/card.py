@@ -485,7 +485,7 @@ def license_notes(provenance: Provenance) -> list[str]:
         lines.append(
             f"The weights were trained on {_datasets_text(provenance)}: check its license before redistributing them."
         )
-    lines.append("The model code (`configuration_vitreg.py`, `modeling_vitreg.py`) is ViTReg's, Apache License 2.0.")
+    lines.append("The model code (the folder's `.py` files) is ViTReg's, Apache License 2.0.")
     return lines
 
 

@@ -1,6 +1,5 @@
 """ViTReg configuration: a DINOv2-style Vision Transformer with register tokens (and DINOv3's RoPE variant)."""
 
-import torch
 from transformers.backbone_utils import BackboneConfigMixin
 from transformers.configuration_utils import PreTrainedConfig
 
@@ -58,13 +57,17 @@ class ViTRegConfig(BackboneConfigMixin, PreTrainedConfig):
         mask_k_bias: ignore the key third of the qkv bias (DINOv3's `LinearKMaskedBias` with its released mask).
         untie_cls_and_patch_norms: a separate final norm (`cls_norm`) for the CLS and register tokens.
         untie_global_and_local_cls_norm: keep DINOv3's `local_cls_norm` (used by its trainer on local crops only,
-            never at inference) so a converted checkpoint exports back unchanged.
+            never at inference) so a converted checkpoint exports back unchanged; held as buffers, never trained.
         interpolate_antialias: antialiased bicubic position interpolation (DINOv2 register models).
         interpolate_offset: when non-zero, interpolate by scale factor `(grid + offset) / old_grid` as DINOv2
             models without registers do (0.1); when 0, interpolate to the target size.
-        use_mask_token: learn a mask token that replaces the patches `bool_masked_pos` marks (masked image
-            modelling, iBOT). Every ViTReg class builds it exactly when this is set: the config alone decides the
-            module tree, so a classifier or backbone loads the same checkpoint as the bare model.
+        use_mask_token: a learned mask token that replaces the patches `bool_masked_pos` marks (masked image
+            modelling, iBOT); off by default, since nothing but masked pretraining uses it. Every ViTReg class builds
+            it exactly when this is set (the config alone decides the module tree, so a classifier or backbone loads
+            the checkpoint of the bare model, mask token included); the classifier and the backbone hold it frozen, as a
+            buffer under the same key, because classification and feature extraction never train it and DDP refuses a
+            trainable parameter that gets no gradient. Saved `config.json` files always carry this field, so folders
+            written while it defaulted to True load unchanged.
         use_cls_token: prepend a CLS token (timm's SBB "gap" models have none).
         use_fc_norm: apply the final LayerNorm to the pooled mean instead of to every token (timm's "gap" models).
         cls_token_position_embedding: add a position embedding to the CLS token (timm folds it into the token).
@@ -115,7 +118,7 @@ class ViTRegConfig(BackboneConfigMixin, PreTrainedConfig):
     untie_global_and_local_cls_norm: bool = False
     interpolate_antialias: bool = True
     interpolate_offset: float | int = 0.0
-    use_mask_token: bool = True
+    use_mask_token: bool = False
     use_cls_token: bool = True
     use_fc_norm: bool = False
     cls_token_position_embedding: bool = True
@@ -200,18 +203,6 @@ class ViTRegConfig(BackboneConfigMixin, PreTrainedConfig):
             raise ValueError(
                 f"rope_normalize_coords must be one of {ROPE_NORMALIZE_COORDS}, got {self.rope_normalize_coords!r}"
             )
-
-    def rope_periods(self) -> torch.Tensor:
-        """`[head_dim / 4]` float32 RoPE periods, as DINOv3's `RopePositionEmbedding` computes them."""
-        quarter = self.hidden_size // self.num_attention_heads // 4
-        if self.rope_theta is not None:
-            exponents = 2 * torch.arange(quarter, dtype=torch.float32) / (2 * quarter)
-            periods = self.rope_theta**exponents
-        else:
-            ratio = self.rope_max_period / self.rope_min_period
-            periods = ratio ** torch.linspace(0, 1, quarter, dtype=torch.float32)  # [1, max / min]
-            periods = periods / ratio * self.rope_max_period  # [min, max]
-        return periods.to(getattr(torch, self.rope_periods_dtype)).float()
 
     def validate_test_time_registers(self) -> None:
         """Refuse test-time registers without register neurons (or the reverse) and neurons the model does not have."""

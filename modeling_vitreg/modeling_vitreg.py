@@ -5,7 +5,18 @@ notion of "what comes before the patches" used by pooling, patch maps, masks and
 registers ("Vision Transformers Don't Need Trained Registers") are registers too: they follow the trained ones.
 DINOv3's ViTs are the same model with rotary positions (`config.position_embedding_type == "rope"`): the patch
 queries and keys are rotated by their 2-D coordinates and there is no learned position embedding.
-This file imports nothing from the rest of the project, so `save_pretrained` can ship it as remote code.
+
+Block indices, one convention per interface (D = `config.num_hidden_layers`):
+- `keep` (`forward_blocks`, `ViTRegEncoder`): 0 is the embeddings, i (1..D) the output of block i; the same
+  numbering as `hidden_states` (D + 1 entries).
+- `get_intermediate_layers(n=...)`: 0-based block indices (0..D-1), as DINOv2's and DINOv3's; block b is `keep`
+  index b + 1. An int n takes the last n blocks.
+- Backbone stages (`out_features` / `out_indices`): "stem" (index 0) is the embeddings, "stage{i}" (index i) the
+  output of block i: stage indices are `keep` indices.
+- `register_neurons` `[layer, neuron]` pairs: 0-based block, as `get_intermediate_layers`.
+
+This file imports nothing from the rest of the project (its numerics sibling `position_interpolation.py` only with a
+single dot), so `save_pretrained` ships both as remote code.
 """
 
 import math
@@ -26,6 +37,7 @@ from transformers.utils import ModelOutput, TransformersKwargs
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_vitreg import ViTRegConfig
+from .position_interpolation import ResamplingMatrixCache, resample_grid, resampling_matrices
 
 
 @dataclass
@@ -78,61 +90,27 @@ class ViTRegPatchEmbeddings(nn.Module):
         return self.projection(pixel_values).flatten(2).transpose(1, 2)  # [B, HW, D]
 
 
-def fused_multiply_add(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """`a * b + c` in float32 with one rounding, as the FMA instructions PyTorch's CPU kernels compile to."""
-    return (a.double() * b.double() + c.double()).float()
+def rope_periods(config: ViTRegConfig, device: torch.device | None = None) -> torch.Tensor:
+    """`[head_dim / 4]` float32 RoPE periods of `config`, as DINOv3's `RopePositionEmbedding` computes them.
 
-
-def keys_cubic(x: torch.Tensor, a: float) -> torch.Tensor:
-    """Keys' cubic convolution kernel with parameter `a`, evaluated in float32 as PyTorch's resampling kernels do."""
-    x = x.abs()
-    a = torch.tensor(a, dtype=torch.float32, device=x.device)
-    one = torch.ones((), dtype=torch.float32, device=x.device)
-    near = fused_multiply_add(fused_multiply_add(a + 2, x, -(a + 3)) * x, x, one)  # |x| < 1
-    far = fused_multiply_add(fused_multiply_add(fused_multiply_add(a, x, -5 * a), x, 8 * a), x, -4 * a)  # 1 <= |x| < 2
-    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
-
-
-def bicubic_resampling_matrix(in_size: int, out_size: int, step: torch.Tensor, antialias: bool) -> torch.Tensor:
-    """`[out_size, in_size]` matrix R such that `R @ x` is the bicubic resampling of `x` along one axis.
-
-    `step` (0-d float32) is the input distance between two output samples, as PyTorch derives it: `in / out` for a
-    target size, `1 / scale_factor` for a scale factor. The weights are those of `F.interpolate(mode="bicubic",
-    align_corners=False, antialias=antialias)`: Keys a=-0.75 on the 4 nearest inputs with clamped edges, or, with
-    antialias, Keys a=-0.5 stretched over the inputs one output covers, truncated at the edges and renormalised
-    (PIL's filter). Only tensor arithmetic on the sizes: traceable at symbolic sizes, exportable to ONNX.
+    Rounded to `config.rope_periods_dtype` (the precision DINOv3's checkpoints store them in), built on `device`.
     """
-    device = step.device
-    j = torch.arange(in_size, device=device)  # input positions
-    i = torch.arange(out_size, device=device)  # output positions
-    if antialias:
-        stretch = step.clamp(min=1.0)  # a downscale widens the kernel by the step
-        support = 2.0 * stretch
-        inverse = (1.0 / stretch.double()).float()
-        center = (step.double() * (i.double() + 0.5)).float()  # [out]
-        # The window of inputs an output reads, as PIL bounds it; the float32 / float64 steps follow PyTorch's kernel.
-        first = ((center - support).double() + 0.5).floor().clamp(min=0)[:, None]
-        last = ((center + support).double() + 0.5).floor().clamp(max=in_size)[:, None]
-        last = torch.minimum(last, first + support.ceil() * 2 + 1)
-        distance = (((j[None] - center[:, None]).double() + 0.5) * inverse.double()).float()  # [out, in]
-        inside = (j[None] >= first) & (j[None] < last)
-        weights = torch.where(inside, keys_cubic(distance, -0.5), torch.zeros_like(distance))
-        return weights / weights.sum(dim=1, keepdim=True)
-    source = (step.double() * (i.double() + 0.5) - 0.5).float()  # [out] sample points in input coordinates
-    index = source.floor().clamp(max=in_size - 1)
-    t = (source - index).clamp(0, 1)
-    matrix = torch.zeros(out_size, in_size, device=device)
-    for tap, distance in zip((-1, 0, 1, 2), (t + 1, t, 1 - t, (1 - t) + 1)):
-        column = (index + tap).clamp(0, in_size - 1)  # edges repeat the border input
-        matrix = matrix + torch.where(column[:, None] == j[None], keys_cubic(distance, -0.75)[:, None], 0.0)
-    return matrix
+    quarter = config.hidden_size // config.num_attention_heads // 4
+    if config.rope_theta is not None:
+        exponents = 2 * torch.arange(quarter, dtype=torch.float32, device=device) / (2 * quarter)
+        periods = config.rope_theta**exponents
+    else:
+        ratio = config.rope_max_period / config.rope_min_period
+        periods = ratio ** torch.linspace(0, 1, quarter, dtype=torch.float32, device=device)  # [1, max / min]
+        periods = periods / ratio * config.rope_max_period  # [min, max]
+    return periods.to(getattr(torch, config.rope_periods_dtype)).float()
 
 
 class ViTRegRopePositionEmbedding(nn.Module):
     """DINOv3's 2-D axial RoPE: `(sin, cos)`, each `[h*w, head_dim]` float32, of the patch-centre coordinates.
 
     Coordinates are patch centres scaled to [-1, 1] (rows and columns separately by default); a head's first half
-    rotates by the row coordinate, its second half by the column one, at the periods `config.rope_periods()`. The
+    rotates by the row coordinate, its second half by the column one, at the periods `rope_periods(config)`. The
     train-time shift / jitter / rescale augmentations apply in training mode only, as in DINOv3's trainer.
     """
 
@@ -154,7 +132,7 @@ class ViTRegRopePositionEmbedding(nn.Module):
         coords = 2.0 * coords - 1.0
         if self.training:
             coords = self.augment(coords)
-        periods = config.rope_periods().to(device)  # [d / 4]
+        periods = rope_periods(config, device)  # [d / 4]
         angles = 2 * math.pi * coords[:, :, None] / periods[None, None, :]  # [hw, 2, d / 4]
         angles = angles.flatten(1, 2).tile(2)  # [hw, d]: (rows, cols) angles, twice
         return torch.sin(angles), torch.cos(angles)
@@ -210,6 +188,20 @@ class ViTRegEmbeddings(nn.Module):
         else:
             self.position_embeddings = nn.Parameter(torch.zeros(1, self.num_cls_positions + self.grid**2, dim))
             self.rope = None
+        self.resampling = ResamplingMatrixCache(self.grid)  # not a buffer: never saved
+
+    def freeze_mask_token(self) -> None:
+        """Hold the mask token (when the config has one) as a saved buffer, not a parameter: it is never trained.
+
+        Classifiers and backbones never mask patches in training, so a trainable mask token would be a parameter
+        without gradient, which DDP with `find_unused_parameters=False` (Trainer's choice under gradient
+        checkpointing) refuses. As a buffer it keeps its state-dict key, so every class loads the same checkpoint,
+        and `from_pretrained` cannot turn it back into a trainable parameter.
+        """
+        if isinstance(self.mask_token, nn.Parameter):
+            token = self.mask_token.detach()
+            del self.mask_token
+            self.register_buffer("mask_token", token)
 
     def rotary(self, height: int, width: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
         """RoPE `(sin, cos)` of an image of `height x width` pixels, or None for learned absolute positions."""
@@ -220,44 +212,25 @@ class ViTRegEmbeddings(nn.Module):
     def interpolate_pos_encoding(self, height: int, width: int) -> torch.Tensor:
         """Position embeddings `[1, (1) + h*w, D]` for an image of `height x width` pixels, as DINOv2 computes them.
 
-        The bicubic resampling is linear in the embedding, `R_rows @ P @ R_cols^T`, with matrices computed from the
-        sizes: one code path for every size, without a branch on the shape, so eager, `torch.compile`, `torch.export`
-        and ONNX run the same arithmetic, equal to DINOv2's `F.interpolate` call (tests/test_position_interpolation.py).
+        The bicubic resampling is linear in the embedding, `R_rows @ P @ R_cols^T` (position_interpolation.py). When
+        run eagerly, the trained table comes back as it is at the native square grid (as DINOv2, transformers and
+        timm return it), and the matrices of other sizes are built once per size and device, then reused. Traced
+        (`torch.compile`, `torch.export`, ONNX), the matrices are computed in the graph from the symbolic size, with
+        the same float32 arithmetic, so one graph serves every size and equals the eager model.
         """
         rows, cols = grid_size(self.config, height, width)
         pos = self.position_embeddings
-        cls_pos, patch_pos = pos[:, : self.num_cls_positions], pos[:, self.num_cls_positions :]
-        grid, dim = self.grid, pos.shape[-1]
-        # The matrices are tiny and need float64 steps (which MPS lacks): built on the CPU, then moved.
-        row_step, col_step = self.sampling_steps(rows, cols)
-        antialias = self.config.interpolate_antialias
-        row_matrix = bicubic_resampling_matrix(grid, rows, row_step, antialias).to(pos.device)  # [rows, g]
-        col_matrix = bicubic_resampling_matrix(grid, cols, col_step, antialias).to(pos.device)  # [cols, g]
-        patch_pos = patch_pos.float().reshape(grid, grid, dim)
-        # Columns first, then rows, the order of PyTorch's separable kernel.
-        patch_pos = torch.matmul(col_matrix, patch_pos)  # [g, cols, D]
-        patch_pos = torch.matmul(row_matrix, patch_pos.reshape(grid, -1))  # [rows, cols * D]
-        patch_pos = patch_pos.reshape(1, -1, dim).to(pos.dtype)  # [1, rows * cols, D]
-        return torch.cat((cls_pos, patch_pos), dim=1)
-
-    def sampling_steps(self, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Input distance between output samples along rows and columns (0-d float32), as `F.interpolate` derives it.
-
-        DINOv2 returns the trained embeddings unchanged at the native square grid, and PyTorch's antialiased kernel
-        copies an axis whose size does not change: a step of 1 gives exactly that identity.
-        """
-        grid = self.grid
-        size = torch.stack([torch.arange(rows)[-1], torch.arange(cols)[-1]]) + 1  # (rows, cols) as a traced tensor
-        offset = self.config.interpolate_offset
-        if offset:
-            # DINOv2 without registers passes scale_factor=(size + offset) / grid; PyTorch samples at its inverse.
-            steps = (1.0 / ((size.double() + offset) / grid)).float()
+        traced = torch.compiler.is_compiling() or torch.jit.is_tracing()
+        if not traced and rows == cols == self.grid:
+            return pos
+        offset, antialias = self.config.interpolate_offset, self.config.interpolate_antialias
+        if traced:
+            matrices = resampling_matrices(self.grid, rows, cols, offset, antialias, pos.device)
         else:
-            steps = torch.full((2,), float(grid)) / size.float()
-        native = (size == grid).all()
-        identity = native | (size == grid) if self.config.interpolate_antialias else native
-        steps = torch.where(identity, 1.0, steps)
-        return steps[0], steps[1]
+            matrices = self.resampling.get(rows, cols, offset, antialias, pos.device)
+        cls_pos, patch_pos = pos[:, : self.num_cls_positions], pos[0, self.num_cls_positions :]
+        patch_pos = resample_grid(patch_pos, *matrices).to(pos.dtype)  # [rows * cols, D]
+        return torch.cat((cls_pos, patch_pos[None]), dim=1)
 
     def forward(self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None) -> torch.Tensor:
         batch_size, _, height, width = pixel_values.shape
@@ -313,6 +286,20 @@ def eager_attention_forward(
     return attn_output, attn_weights
 
 
+class ViTRegLinearKMaskedBias(nn.Linear):
+    """The fused q | k | v projection without the key third of its bias, as DINOv3's `LinearKMaskedBias`.
+
+    DINOv3 multiplies the bias by a stored mask that its released weights hold at (1, 0, 1) per third; the mask is
+    that constant here, so the module keeps nn.Linear's state dict (`weight`, `bias`) and remains the module that
+    hooks, PEFT adapters and quantisers see.
+    """
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        query_bias, key_bias, value_bias = self.bias.chunk(3)
+        bias = torch.cat((query_bias, torch.zeros_like(key_bias), value_bias))
+        return F.linear(hidden_states, self.weight, bias)
+
+
 class ViTRegAttention(nn.Module):
     """Multi-head self-attention with one fused qkv projection (rows ordered q | k | v, as in DINOv2)."""
 
@@ -323,17 +310,9 @@ class ViTRegAttention(nn.Module):
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.scaling = self.head_dim**-0.5
         self.is_causal = False
-        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
+        qkv_class = ViTRegLinearKMaskedBias if config.mask_k_bias and config.qkv_bias else nn.Linear
+        self.qkv = qkv_class(config.hidden_size, 3 * config.hidden_size, bias=config.qkv_bias)
         self.proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.proj_bias)
-        self.mask_k_bias = config.mask_k_bias and config.qkv_bias
-
-    def project_qkv(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """The fused q | k | v projection; with `mask_k_bias` the key third of the bias is left out (DINOv3)."""
-        if not self.mask_k_bias:
-            return self.qkv(hidden_states)
-        query_bias, _, value_bias = self.qkv.bias.chunk(3)
-        bias = torch.cat((query_bias, torch.zeros_like(query_bias), value_bias))
-        return F.linear(hidden_states, self.qkv.weight, bias)
 
     def forward(
         self,
@@ -342,7 +321,7 @@ class ViTRegAttention(nn.Module):
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, seq_len, dim = hidden_states.shape
-        qkv = self.project_qkv(hidden_states).view(batch_size, seq_len, 3, self.num_heads, self.head_dim)
+        qkv = self.qkv(hidden_states).view(batch_size, seq_len, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, N, d]
         if rope is not None:
             query, key = apply_rope(query, rope), apply_rope(key, rope)
@@ -379,11 +358,14 @@ class ViTRegRegisterNeuronShift(nn.Module):
     def __init__(self, config: ViTRegConfig, neurons: Sequence[int]):
         super().__init__()
         self.neurons = tuple(neurons)
+        # Built once and moved with the model, not rebuilt on the host in every forward; derived from the config,
+        # so not saved (`_init_weights` refills it after loading).
+        self.register_buffer("neuron_index", torch.tensor(self.neurons, dtype=torch.long), persistent=False)
         self.first_register = int(config.use_cls_token) + config.num_register_tokens  # first test-time register
         self.num_prefix_tokens = config.num_prefix_tokens
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        index = torch.tensor(self.neurons, device=hidden_states.device)
+        index = self.neuron_index
         selected = hidden_states.index_select(-1, index)  # [B, N, k]
         peak = sign_max(selected)  # [B]
         position = torch.arange(hidden_states.shape[1], device=hidden_states.device)[None, :, None]  # [1, N, 1]
@@ -586,6 +568,25 @@ class ViTRegPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.mask_token)
         elif isinstance(module, ViTRegLayerScale):
             init.constant_(module.lambda1, self.config.layerscale_value)
+        elif isinstance(module, ViTRegStoredNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, ViTRegRegisterNeuronShift):
+            init.copy_(module.neuron_index, torch.tensor(module.neurons, dtype=torch.long))
+
+
+class ViTRegStoredNorm(nn.Module):
+    """DINOv3's local-crop CLS norm, kept as saved buffers `weight` and `bias` that no ViTReg forward applies.
+
+    DINOv3's trainer uses it on local crops only; it is kept so that a converted checkpoint exports back unchanged,
+    as buffers so that no training sees a parameter without gradient (DDP refuses one, and `from_pretrained` would
+    make a frozen parameter trainable again).
+    """
+
+    def __init__(self, config: ViTRegConfig):
+        super().__init__()
+        self.register_buffer("weight", torch.ones(config.hidden_size))
+        self.register_buffer("bias", torch.zeros(config.hidden_size))
 
 
 class ViTRegEncoderMixin:
@@ -600,8 +601,7 @@ class ViTRegEncoderMixin:
 
         self.layernorm = norm()
         self.cls_norm = norm() if config.untie_cls_and_patch_norms else None
-        # Used by DINOv3's trainer on local crops only; kept, frozen, so a converted checkpoint exports back unchanged.
-        self.local_cls_norm = norm().requires_grad_(False) if config.untie_global_and_local_cls_norm else None
+        self.local_cls_norm = ViTRegStoredNorm(config) if config.untie_global_and_local_cls_norm else None
 
     def normalize(self, tokens: torch.Tensor) -> torch.Tensor:
         """Final norm of `[B, P + HW, D]` tokens: one LayerNorm, or `cls_norm` on the prefix when untied (DINOv3)."""
@@ -691,7 +691,6 @@ class ViTRegModel(ViTRegEncoderMixin, ViTRegPreTrainedModel):
         hidden_states, _ = self.forward_blocks(pixel_values, bool_masked_pos, **kwargs)
         return self.finalize(hidden_states)
 
-    @torch.no_grad()
     def get_intermediate_layers(
         self,
         pixel_values: torch.Tensor,
@@ -699,11 +698,16 @@ class ViTRegModel(ViTRegEncoderMixin, ViTRegPreTrainedModel):
         reshape: bool = False,
         return_class_token: bool = False,
         norm: bool = True,
+        *,
+        return_extra_tokens: bool = False,
     ) -> tuple:
-        """DINOv2's helper: patch tokens of the last `n` blocks (or of the listed 0-based blocks), registers dropped.
+        """DINOv2's and DINOv3's helper: patch tokens of the last `n` blocks (or of the listed 0-based blocks).
 
-        Returns a tuple of `[B, HW, D]` (or `[B, D, h, w]` with `reshape`), or of `(patches, cls)` pairs with
-        `return_class_token`.
+        Returns a tuple with one entry per block: `[B, HW, D]` patches (`[B, D, h, w]` with `reshape`), or, as DINOv3's
+        `get_intermediate_layers`, `(patches, cls)`, `(patches, extra)` or `(patches, cls, extra)` tuples with
+        `return_class_token` / `return_extra_tokens`; extra tokens are the `[B, R + T, D]` registers (trained, then
+        test-time). Arguments take DINOv2's positions (`norm` fifth); `return_extra_tokens` is keyword-only, as
+        every argument of DINOv3's is. Gradients flow, as in both: wrap the call in `torch.no_grad()` to save memory.
         """
         depth = self.config.num_hidden_layers
         # Like DINOv2: the blocks come back in block order, each once, whatever order the list gives.
@@ -711,14 +715,15 @@ class ViTRegModel(ViTRegEncoderMixin, ViTRegPreTrainedModel):
         if not blocks or any(not 0 <= b < depth for b in blocks):
             raise ValueError(f"blocks to take must lie in [0, {depth}), got {n}")
         rows, cols = grid_size(self.config, pixel_values.shape[-2], pixel_values.shape[-1])
-        _, kept = self.forward_blocks(pixel_values, keep=[b + 1 for b in blocks])
+        _, kept = self.forward_blocks(pixel_values, keep=[b + 1 for b in blocks])  # keep index = block + 1
         outputs = []
         for hidden_state in kept:
             tokens = self.normalize(hidden_state) if norm else hidden_state
-            cls_token, _, patches = split_tokens(self.config, tokens)
+            cls_token, registers, patches = split_tokens(self.config, tokens)
             if reshape:
                 patches = to_feature_map(patches, rows, cols)
-            outputs.append((patches, cls_token) if return_class_token else patches)
+            extras = ((cls_token,) if return_class_token else ()) + ((registers,) if return_extra_tokens else ())
+            outputs.append((patches, *extras) if extras else patches)
         return tuple(outputs)
 
 
@@ -735,6 +740,7 @@ class ViTRegForImageClassification(ViTRegPreTrainedModel):
             with_mean = config.classifier_pooling == "cls_mean"
             in_features = config.hidden_size * (config.classifier_num_layers * int(config.use_cls_token) + with_mean)
         self.classifier = nn.Linear(in_features, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.vitreg.embeddings.freeze_mask_token()
         self.post_init()
 
     @capture_outputs(tie_last_hidden_states=False)
@@ -748,7 +754,8 @@ class ViTRegForImageClassification(ViTRegPreTrainedModel):
         r"""
         labels: `[B]` class indices (cross-entropy; or regression when `num_labels == 1`) or `[B, num_labels]`
             multi-hot targets (`problem_type="multi_label_classification"`).
-        bool_masked_pos: `[B, HW]`, True where a patch is replaced by the mask token (needs `use_mask_token`).
+        bool_masked_pos: `[B, HW]`, True where a patch is replaced by the mask token (needs `use_mask_token`; the
+            token is frozen here, see `ViTRegEmbeddings.freeze_mask_token`).
         """
         if pixel_values is None:
             raise ValueError("pixel_values is required")
@@ -779,6 +786,7 @@ class ViTRegBackbone(BackboneMixin, ViTRegEncoderMixin, ViTRegPreTrainedModel):
         self.num_features = [config.hidden_size] * (config.num_hidden_layers + 1)
         self.embeddings = ViTRegEmbeddings(config)
         self.encoder = ViTRegEncoder(config)
+        self.embeddings.freeze_mask_token()
         self.build_final_norms()
         self.post_init()
 

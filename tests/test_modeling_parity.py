@@ -69,7 +69,9 @@ def make_transformers(model: ViTRegModel) -> nn.Module:
     else:
         reference = Dinov2Model(Dinov2Config(**fields))
     reference.set_attn_implementation("eager")
-    reference.load_state_dict(to_transformers_state_dict(model), strict=True)
+    weights = to_transformers_state_dict(model)
+    weights.setdefault("embeddings.mask_token", torch.zeros(1, config.hidden_size))  # transformers always has one
+    reference.load_state_dict(weights, strict=True)
     return reference.eval()
 
 
@@ -105,7 +107,7 @@ def test_matches_timm_on_every_token(variant, size):
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("swiglu", [False, True], ids=["mlp", "swiglu"])
 def test_matches_transformers_dinov2_with_registers(swiglu, size):
-    model = make_vitreg(parity_config(use_swiglu_ffn=swiglu))
+    model = make_vitreg(parity_config(use_mask_token=True, use_swiglu_ffn=swiglu))
     reference = make_transformers(model)
     pixels = images(*size)
     masked = torch.rand(2, (size[0] // 4) * (size[1] // 4), generator=torch.Generator().manual_seed(2)) < 0.4

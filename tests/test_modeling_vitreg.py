@@ -1,5 +1,8 @@
 """ViTReg forward semantics: outputs, masking, errors, intermediate layers and DINOv2's linear heads."""
 
+import json
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -54,7 +57,7 @@ def test_deterministic_and_batch_independent():
 
 
 def test_bool_masked_pos_replaces_exactly_the_masked_patches():
-    model = make_vitreg(parity_config())
+    model = make_vitreg(parity_config(use_mask_token=True))
     pixels = images(32, 44)
     mask = torch.zeros(2, 88, dtype=torch.bool)
     mask[0, [0, 5, 87]] = True
@@ -129,6 +132,43 @@ def test_intermediate_layers_come_in_block_order_once_each():
     assert len(unordered) == 2
     assert all(torch.equal(a, b) for a, b in zip(unordered, ordered))
     assert not torch.equal(ordered[0], ordered[1])
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{}, {"num_test_time_registers": 1, "register_neurons": [[0, 3], [2, 5]]}, {"untie_cls_and_patch_norms": True}],
+    ids=["registers", "test-time registers", "untied norms"],
+)
+def test_intermediate_layers_return_dinov3s_extra_tokens(fields):
+    model = make_vitreg(parity_config(**fields))
+    prefix = model.config.num_prefix_tokens  # CLS, 4 registers, and the test-time register if any
+    pixels = images(32, 44)
+    with torch.no_grad():
+        hidden = model(pixels, output_hidden_states=True).hidden_states  # [embeddings, block 0, block 1, block 2]
+        both = model.get_intermediate_layers(pixels, n=[0, 2], return_class_token=True, return_extra_tokens=True)
+        extras = model.get_intermediate_layers(pixels, n=[0, 2], reshape=True, return_extra_tokens=True)
+    for block, (patches, cls_token, registers), (patch_map, registers_again) in zip([0, 2], both, extras):
+        tokens = hidden[block + 1]
+        # DINOv3's `get_intermediate_layers(norm=True)`: `cls_norm` on CLS + registers when untied, else one norm.
+        prefix_norm = model.cls_norm if fields.get("untie_cls_and_patch_norms") else model.layernorm
+        normed = torch.cat((prefix_norm(tokens[:, :prefix]), model.layernorm(tokens[:, prefix:])), dim=1)
+        assert registers.shape == (2, prefix - 1, 32)  # trained then test-time registers
+        assert max_diff(cls_token, normed[:, 0]) <= TOL
+        assert max_diff(registers, normed[:, 1:prefix]) <= TOL
+        assert max_diff(patches, normed[:, prefix:]) <= TOL
+        assert torch.equal(registers_again, registers)
+        assert max_diff(patch_map.flatten(2).transpose(1, 2), patches) <= TOL  # (patches, extra): DINOv3's order
+
+
+def test_gradients_flow_through_intermediate_layers():
+    model = make_vitreg(parity_config()).train()
+    pixels = images(32, 32)
+    outputs = model.get_intermediate_layers(pixels, n=[0, 1], return_class_token=True, return_extra_tokens=True)
+    sum(tensor.square().mean() for output in outputs for tensor in output).backward()
+    for name in ("embeddings.patch_embeddings.projection.weight", "embeddings.register_tokens", "layernorm.weight"):
+        assert model.get_parameter(name).grad.abs().sum() > 0, name
+    assert model.encoder.layer[1].mlp.fc1.weight.grad.abs().sum() > 0
+    assert model.encoder.layer[2].mlp.fc1.weight.grad is None  # block 2 comes after the last block taken
 
 
 def linear_head_features(model: ViTRegForImageClassification, pixels: torch.Tensor, layers: int, registers: bool):
@@ -209,8 +249,89 @@ def test_the_config_alone_decides_the_mask_token(use_mask_token, tmp_path):
     config = parity_config(num_labels=2, use_mask_token=use_mask_token)
     for model_class in (ViTRegModel, ViTRegForImageClassification, ViTRegBackbone):
         model = model_class(config)
-        names = [name for name, _ in model.named_parameters() if name.endswith("embeddings.mask_token")]
+        names = [name for name in model.state_dict() if name.endswith("embeddings.mask_token")]
         assert len(names) == int(use_mask_token), model_class.__name__
         model.save_pretrained(tmp_path / model_class.__name__)
         reloaded, info = model_class.from_pretrained(tmp_path / model_class.__name__, output_loading_info=True)
         assert not any(info.values()), (model_class.__name__, info)  # saved config and module tree agree
+
+
+def test_the_mask_token_is_off_by_default_and_old_folders_keep_theirs(tmp_path):
+    assert ViTRegModel(tiny_config()).embeddings.mask_token is None
+    # A folder saved while the default was True: its config.json names the field, as every saved config does.
+    old = ViTRegModel(tiny_config(use_mask_token=True))
+    with torch.no_grad():
+        old.embeddings.mask_token.normal_()
+    old.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["use_mask_token"] is True
+    ViTRegModel(tiny_config()).config.save_pretrained(tmp_path / "new")
+    assert json.loads((tmp_path / "new" / "config.json").read_text())["use_mask_token"] is False
+    loaded = ViTRegModel.from_pretrained(tmp_path)
+    assert torch.equal(loaded.embeddings.mask_token, old.embeddings.mask_token)
+
+
+def test_classifier_and_backbone_keep_a_loaded_mask_token_frozen(tmp_path):
+    """A converted classifier carries its source's mask token: loaded, used by `bool_masked_pos`, never trained."""
+    from vitreg.modeling_vitreg import ViTRegBackbone
+
+    base = make_vitreg(parity_config(use_mask_token=True))
+    base.save_pretrained(tmp_path)
+    pixels = images(32, 32)
+    mask = torch.zeros(2, 64, dtype=torch.bool)
+    mask[:, ::3] = True
+    for model_class in (ViTRegForImageClassification, ViTRegBackbone):
+        for model in (model_class(base.config), model_class.from_pretrained(tmp_path, num_labels=3)):
+            embeddings = model.vitreg.embeddings if model_class is ViTRegForImageClassification else model.embeddings
+            assert all(not name.endswith("mask_token") for name, _ in model.named_parameters())
+            assert not embeddings.mask_token.requires_grad
+        assert torch.equal(embeddings.mask_token, base.embeddings.mask_token)  # the checkpoint's, not re-initialised
+        with torch.no_grad():
+            masked, plain = embeddings(pixels, bool_masked_pos=mask), embeddings(pixels)
+        assert not torch.allclose(masked, plain)
+    # The bare model (masked pretraining) trains it.
+    assert dict(ViTRegModel.from_pretrained(tmp_path).named_parameters())["embeddings.mask_token"].requires_grad
+
+
+def dinov3_linear_k_masked_bias(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """DINOv3's `LinearKMaskedBias.forward` (facebookresearch/dinov3, dinov3/layers/attention.py) with the mask its
+    `init_weights` fills and its released checkpoints hold: ones, zeros over the key third."""
+    out = bias.shape[0]
+    bias_mask = torch.ones_like(bias)
+    bias_mask[out // 3 : 2 * out // 3] = 0
+    return F.linear(x, weight, bias * bias_mask.to(bias.dtype))
+
+
+def test_masked_key_bias_is_the_qkv_module_and_equals_dinov3s():
+    model = make_vitreg(parity_config(mask_k_bias=True))
+    attention = model.encoder.layer[0].attention
+    assert isinstance(attention.qkv, torch.nn.Linear)
+    assert {"encoder.layer.0.attention.qkv.weight", "encoder.layer.0.attention.qkv.bias"} <= set(model.state_dict())
+    assert not any("mask" in name for name in model.state_dict())  # no new persistent buffer
+    tokens = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        expected = dinov3_linear_k_masked_bias(tokens, attention.qkv.weight, attention.qkv.bias)
+        assert torch.equal(attention.qkv(tokens), expected)
+    # Attention calls the module, so hooks (analysis), adapters and quantisers that replace it take effect.
+    seen = []
+    attention.qkv.register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    with torch.no_grad():
+        model(images(32, 32))
+    assert seen == [(2, 1 + 4 + 64, 96)]
+
+
+def test_test_time_register_neurons_are_a_buffer_not_rebuilt_per_forward(tmp_path):
+    config = parity_config(num_test_time_registers=1, register_neurons=[[0, 3], [0, 7], [2, 5]])
+    model = make_vitreg(config)
+    shift = model.encoder.layer[0].mlp.register_shift
+    assert torch.equal(shift.neuron_index, torch.tensor([3, 7]))
+    assert not any("neuron" in name for name in model.state_dict())  # derived from the config: not saved
+    pixels = images(32, 32)
+    with mock.patch("torch.tensor", wraps=torch.tensor) as tensor, torch.no_grad():
+        expected = model(pixels).last_hidden_state
+    assert tensor.call_count == 0  # no host tensor built in the forward
+    model.save_pretrained(tmp_path)
+    loaded = ViTRegModel.from_pretrained(tmp_path)  # built on the meta device: the buffer is refilled after loading
+    assert torch.equal(loaded.encoder.layer[2].mlp.register_shift.neuron_index, torch.tensor([5]))
+    with torch.no_grad():
+        assert torch.equal(loaded(pixels).last_hidden_state, expected)

@@ -37,50 +37,33 @@ def vitreg_family(**config_kwargs) -> VisionEncoderFamily:
     )
 
 
-VITREG = vitreg_family()
+# DINOv2's layout as its converted checkpoints have it, mask token included (which the classifier and the backbone
+# hold frozen, so the suite's training checks run unmodified).
+VITREG = vitreg_family(use_mask_token=True)
 # timm's register ViTs without CLS token (`vit_*_reg4_gap_256`), with DINOv2 ViT-g's SwiGLU, no LayerScale and no
 # qkv bias: every switch off its DINOv2 default, through the same suite.
 VITREG_GAP = vitreg_family(
     use_cls_token=False, pooling="mean", use_fc_norm=True, use_swiglu_ffn=True, layerscale_value=None,
-    qkv_bias=False, use_mask_token=False,
+    qkv_bias=False,
 )  # fmt: skip
 # Test-time registers ("Vision Transformers Don't Need Trained Registers"): one untrained token after the 2 trained
 # registers, with register neurons shifted into it in both blocks, through the same suite.
 VITREG_TEST_TIME = vitreg_family(num_test_time_registers=1, register_neurons=[[0, 3], [1, 0], [1, 36]])
 # DINOv3's layout: 2-D axial RoPE instead of learned positions (with its train-time coordinate augmentations),
-# 4 registers, masked key bias, untied CLS/patch norms, SwiGLU, through the same suite. Not the local-crop CLS norm
-# (`untie_global_and_local_cls_norm`): ViTReg keeps it for the round trip and no forward reads it, so the suite's
-# "every parameter gets a gradient" would fail by design. The config tester's width needs a head dimension RoPE can
-# rotate (a multiple of 4).
+# 4 registers, masked key bias, untied CLS/patch norms, the local-crop CLS norm that ViTReg keeps for the round trip
+# (buffers no forward reads), SwiGLU and the mask token, through the same suite. The config tester's width needs a
+# head dimension RoPE can rotate (a multiple of 4).
 VITREG_ROPE = dataclasses.replace(
     vitreg_family(
         position_embedding_type="rope", rope_rescale_coords=2.0, rope_shift_coords=0.1, rope_jitter_coords=1.2,
         num_register_tokens=4, mask_k_bias=True, untie_cls_and_patch_norms=True, use_swiglu_ffn=True,
-        layer_norm_eps=1e-5,
+        layer_norm_eps=1e-5, use_mask_token=True, untie_global_and_local_cls_norm=True,
     ),
     config_tester_kwargs={"hidden_size": 36, "num_attention_heads": 1},
 )  # fmt: skip
 
 
-class MaskedTraining:
-    """The classifier's training inputs mask a fixed third of the patches when the config has a mask token.
-
-    The config alone decides the module tree, so a classifier with DINOv2's config builds the mask token; the
-    suite's training checks (every parameter gets a gradient) then train it, as masked fine-tuning would.
-    """
-
-    def _prepare_for_class(self, inputs_dict, model_class, return_labels=False):
-        inputs = super()._prepare_for_class(inputs_dict, model_class, return_labels=return_labels)
-        if return_labels and model_class is ViTRegForImageClassification and self.family.config_kwargs.get(
-            "use_mask_token", True
-        ):
-            batch = inputs["pixel_values"].shape[0]
-            inputs["bool_masked_pos"] = torch.zeros(batch, self.model_tester.mask_length, dtype=torch.bool)
-            inputs["bool_masked_pos"][:, ::3] = True
-        return inputs
-
-
-class ViTRegModelTest(MaskedTraining, VisionEncoderModelTests, ModelTesterMixin, unittest.TestCase):
+class ViTRegModelTest(VisionEncoderModelTests, ModelTesterMixin, unittest.TestCase):
     family = VITREG
     all_model_classes = VITREG.all_model_classes
     # The opt-in for models whose `_init_weights` covers every weight (the suite dates models by a copyright line).
@@ -145,19 +128,19 @@ class ViTRegModelTest(MaskedTraining, VisionEncoderModelTests, ModelTesterMixin,
             torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-4, msg=name)
 
 
-class ViTRegGapModelTest(MaskedTraining, VisionEncoderModelTests, ModelTesterMixin, unittest.TestCase):
+class ViTRegGapModelTest(VisionEncoderModelTests, ModelTesterMixin, unittest.TestCase):
     family = VITREG_GAP
     all_model_classes = VITREG_GAP.all_model_classes
     test_can_init_all_missing_weights_before_2023 = True
 
 
-class ViTRegTestTimeRegistersModelTest(MaskedTraining, VisionEncoderModelTests, ModelTesterMixin, unittest.TestCase):
+class ViTRegTestTimeRegistersModelTest(VisionEncoderModelTests, ModelTesterMixin, unittest.TestCase):
     family = VITREG_TEST_TIME
     all_model_classes = VITREG_TEST_TIME.all_model_classes
     test_can_init_all_missing_weights_before_2023 = True
 
 
-class ViTRegRopeModelTest(MaskedTraining, VisionEncoderModelTests, ModelTesterMixin, unittest.TestCase):
+class ViTRegRopeModelTest(VisionEncoderModelTests, ModelTesterMixin, unittest.TestCase):
     family = VITREG_ROPE
     all_model_classes = VITREG_ROPE.all_model_classes
     test_can_init_all_missing_weights_before_2023 = True
