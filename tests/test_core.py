@@ -190,6 +190,4 @@ def test_the_sample_photos_are_different_photos():
     from vitreg.core.images import SAMPLE_PHOTOS, sample_images
 
     images = [np.asarray(image) for image in sample_images(SAMPLE_PHOTOS, max_side=64)]
-    assert all(
-        a.shape != b.shape or not np.array_equal(a, b) for i, a in enumerate(images) for b in images[i + 1 :]
-    )
+    assert all(a.shape != b.shape or not np.array_equal(a, b) for i, a in enumerate(images) for b in images[i + 1 :])

@@ -8,7 +8,6 @@ without registers (scale factor `(grid + 0.1) / old_grid`): it is compared to Vi
 interpolation is replaced by a hand-written bicubic resampler that follows the official formula.
 """
 
-
 import numpy as np
 import pytest
 import torch

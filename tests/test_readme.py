@@ -46,8 +46,8 @@ def test_readme_examples_run(tmp_path):
         result = subprocess.run(
             command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL
         )
-        assert result.returncode == 0, f"README step {index} ({language}):\n{code}\n{result.stdout[-2000:]}" + (
-            result.stderr[-4000:]
+        assert result.returncode == 0, (
+            f"README step {index} ({language}):\n{code}\n{result.stdout[-2000:]}" + (result.stderr[-4000:])
         )
         outputs.append(result.stdout)
     stdout = "\n".join(outputs)
