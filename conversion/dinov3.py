@@ -103,7 +103,7 @@ def dinov3_config(name: str, **overrides) -> ViTRegConfig:
     if row is None:
         raise UserError(f"unknown DINOv3 backbone {name!r}; known: {', '.join(DINOV3_BACKBONES)}")
     # Every official checkpoint carries a mask token (iBOT's), exported back unchanged.
-    return _make_config(**{**row.config_fields(), "use_mask_token": True, **overrides})
+    return _make_config(**{**row.config_fields(), **overrides})
 
 
 def official_shapes(config: ViTRegConfig) -> dict[str, tuple[int, ...]]:

@@ -269,6 +269,7 @@ class Dinov3Backbone(OfficialViT):
             untie_global_and_local_cls_norm=self.untie_global_and_local_cls_norm,
             layerscale_value=self.layerscale_value,
             layer_norm_eps=self.layer_norm_eps,
+            use_mask_token=True,  # every official backbone carries its iBOT mask token
         )
 
     @property
