@@ -98,7 +98,8 @@ def measure(size: int, paths: list[Path], work: Path, args: argparse.Namespace) 
             for batch in batches:
                 model(batch)
 
-    runtime = ONNXRuntimeModel(export_onnx(model, work / f"model-{size}.onnx", dynamic=True, overwrite=True).path)
+    exported = export_onnx(model, work / f"model-{size}.onnx", dynamic=True, optimize=True, overwrite=True)
+    runtime = ONNXRuntimeModel(exported.path)  # the graph and session extract's onnxruntime backend runs
 
     def run_forward_onnxruntime():
         for batch in batches:
@@ -133,6 +134,11 @@ def measure(size: int, paths: list[Path], work: Path, args: argparse.Namespace) 
     }  # fmt: skip
 
 
+def load(averages: tuple[float, float, float]) -> str:
+    """The 1, 5 and 15-minute load averages, as `uptime` prints them."""
+    return " / ".join(f"{value:.2f}" for value in averages)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds per size")
@@ -145,17 +151,17 @@ def main() -> None:
     random.seed(0)
     results = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "runs": []}
     # ONNX Runtime's and extract's figures move with other jobs on the machine: the load is stated with each table.
-    results["load_before"] = os.getloadavg()[0]
+    results["load_before"] = os.getloadavg()
     with tempfile.TemporaryDirectory() as work:
         paths = photo_folder(Path(work), args.images)
         for size in args.sizes:
             results["runs"].append(measure(size, paths, Path(work), args))
-    results["load_after"] = os.getloadavg()[0]
+    results["load_after"] = os.getloadavg()
 
     print(f"\nViT-S/14 reg4, fp32, CPU ({results['threads']} threads), {args.images} photos, {args.rounds} interleaved "
           "rounds; ratio = median per-round time pipeline / extract [IQR] (> 1: extract faster); load average "
-          f"{results['load_before']:.2f} before, {results['load_after']:.2f} after (quiet: well below the "
-          f"{os.cpu_count()} cores)\n")  # fmt: skip
+          f"(1/5/15 min) {load(results['load_before'])} before, {load(results['load_after'])} after (quiet: well "
+          f"below the {os.cpu_count()} cores)\n")  # fmt: skip
     print("| size | batch | pipeline img/s | extract img/s | pipeline / extract [IQR] | extract onnxruntime img/s "
           "| pipeline / extract onnxruntime [IQR] | forward only img/s (torch / onnxruntime) | preprocess only img/s "
           "| overlap bound (torch / onnxruntime) |")  # fmt: skip

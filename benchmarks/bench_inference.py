@@ -83,7 +83,8 @@ def to_transformers(model: ViTRegModel) -> Dinov2WithRegistersModel:
         emb = peer.embeddings
         emb.cls_token.copy_(sd["embeddings.cls_token"])
         emb.register_tokens.copy_(sd["embeddings.register_tokens"])
-        emb.mask_token.copy_(sd["embeddings.mask_token"])
+        if "embeddings.mask_token" in sd:  # unused at inference; a ViTReg model has one only when asked
+            emb.mask_token.copy_(sd["embeddings.mask_token"])
         emb.position_embeddings.copy_(sd["embeddings.position_embeddings"])
         emb.patch_embeddings.projection.load_state_dict(model.embeddings.patch_embeddings.projection.state_dict())
         for ours, theirs in zip(model.encoder.layer, peer.encoder.layer):

@@ -12,22 +12,38 @@ from .extra import require
 class ONNXRuntimeModel:
     """An exported ViTReg `.onnx` file: `model(pixel_values)` returns its outputs by name as NumPy arrays.
 
-    Sizes are checked before ONNX Runtime sees them: height and width must be multiples of the patch size (and, for
-    a graph exported at one size, that size), which ONNX Runtime itself would report as a shape error deep in the
-    graph.
+    `threads`: intra-op threads (default: ONNX Runtime's, one per physical core); `spinning`: whether idle threads
+    spin between operators (default on, see below). Sizes are checked before ONNX Runtime sees them: height and
+    width must be multiples of the patch size (and, for a graph exported at one size, that size), which ONNX Runtime
+    itself would report as a shape error deep in the graph.
     """
 
-    def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        providers: list[str] | None = None,
+        threads: int | None = None,
+        spinning: bool = True,
+    ):
         require("onnxruntime")
         import onnxruntime
 
         path = Path(path)
         if not path.is_file():
             raise UserError(f"{path} does not exist")
+        if threads is not None and threads < 1:
+            raise UserError(f"threads must be at least 1, got {threads}")
         options = onnxruntime.SessionOptions()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Sequential execution, the memory arena and memory patterns are ONNX Runtime's defaults and measured best
+        # (parallel execution and no arena were slower); the thread count defaults to the physical cores.
+        options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
         if threads:
             options.intra_op_num_threads = threads
+        # Spinning threads (ONNX Runtime's default) were ~7% faster on a quiet machine and ~20% slower when other
+        # work shared the cores (ViT-S/14, batch 8, 224 px, 2 cores): pass spinning=False on a shared machine.
+        # benchmarks/bench_onnx.py times both.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         try:
             self.session = onnxruntime.InferenceSession(
                 str(path), options, providers=providers or ["CPUExecutionProvider"]
