@@ -63,7 +63,10 @@ def resolve_source(
         head_file = fetch_url(arch.head_url(LC_HEAD), progress) if with_head and head else None
         return Source(text, fetch_url(arch.pretrain_url, progress), "official", head=head_file, official=arch)
     if REPO_ID.fullmatch(text) and not text.startswith((".", "~")):
-        return Source(text, fetch_repo(text, revision), "hub", revision=revision)
+        try:
+            return Source(text, fetch_repo(text, revision), "hub", revision=revision)
+        except UserError as error:  # `org/name` may have been meant as a local path: say that none exists either
+            raise UserError(f"no local file or folder {text}, and as a Hub repository: {error}") from None
     raise UserError(
         f"{text} does not exist: no such file or folder, official DINOv2 name (e.g. dinov2_vitl14_reg4, "
         "dinov2_vitl14_reg4_lc) or Hub repository id (org/name)"

@@ -209,3 +209,9 @@ def test_analyze_a_plain_repo_against_a_register_repo(cache, tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert report["model"] == "facebook/dinov2-tiny" and report["num_register_tokens"] == 0
     assert report["compare"]["num_register_tokens"] == 4 and len(report["compare"]["images"]) == 2
+
+
+def test_a_missing_org_name_path_is_named_as_both(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"^no local file or folder org/absent, and as a Hub repository: org/absent "):
+        resolve_source("org/absent")
