@@ -8,14 +8,14 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from transformers import BaseImageProcessor
 
 from vitreg.core.errors import UserError
-from vitreg.core.images import IMAGE_SUFFIXES, check_image_size, size_options
+from vitreg.core.images import IMAGE_SUFFIXES, check_image_size, decode_errors, size_options
 
 # What PIL raises on a damaged or foreign file (a truncated JPEG only when decoded: OSError in `convert`).
-DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+DECODE_ERRORS = decode_errors()  # the tools' one list of unreadable-image errors
 
 
 def collect_images(paths: Iterable[str | Path]) -> list[Path]:

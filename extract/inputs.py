@@ -13,17 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from vitreg.core.errors import UserError
-from vitreg.core.images import IMAGE_SUFFIXES
+from vitreg.core.images import IMAGE_SUFFIXES, decode_errors
 
 from .features import WHAT
 
 logger = logging.getLogger(__name__)
 DATASET_FILES = ("state.json", "dataset_dict.json")  # what `save_to_disk` writes
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+DECODE_ERRORS = decode_errors()  # the tools' one list of unreadable-image errors
 
 
 @dataclass

@@ -52,6 +52,13 @@ def image_processor(
     )
 
 
+def decode_errors() -> tuple[type[BaseException], ...]:
+    """What PIL raises for an image file it cannot read (not an image, truncated, corrupt, a decompression bomb)."""
+    from PIL import Image, UnidentifiedImageError
+
+    return (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
 def default_processor(config: Any, *, satellite: bool = False, crop_size: int = 224) -> "BitImageProcessor":
     """The processor of a model whose source has none, by the one policy every tool and every saved folder follows:
     DINOv3's whole-image resize for RoPE models, DINOv2's resize and center crop otherwise; `satellite`: the SAT-493M
