@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from vitreg.core.errors import UserError
+from vitreg.core.errors import UserError, require
 from vitreg.core.folders import atomic_output_file
 from vitreg.core.images import check_image_size
 from vitreg.core.opening import first_line, is_vitreg_folder, open_model
@@ -36,8 +36,6 @@ from vitreg.modeling_vitreg import (
     ViTRegModel,
     ViTRegPreTrainedModel,
 )
-
-from .extra import require
 
 HEADS = {"model": ViTRegModel, "classification": ViTRegForImageClassification, "backbone": ViTRegBackbone}
 MODEL_OUTPUTS = ("last_hidden_state", "pooler_output", "register_tokens", "patch_tokens")
@@ -472,7 +470,7 @@ def export_onnx(
     after the float32 graph passed its check, and only if on the sample photos every CLS and patch token keeps
     cosine >= `INT8_MIN_COSINE` to float32 PyTorch and a classifier every top-1 label (`OnnxExport.int8_accuracy`).
     """
-    require("onnx", "onnxscript", *(["onnxruntime"] if verify or quantize else []))
+    require("onnx", "onnxscript", *(["onnxruntime"] if verify or quantize else []), extra="onnx")
     check_opset(opset)
     if quantize not in (None, *QUANTIZE):
         raise UserError(f"--quantize takes {', '.join(QUANTIZE)}, got {quantize!r}")

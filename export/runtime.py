@@ -4,9 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vitreg.core.errors import UserError
-
-from .extra import require
+from vitreg.core.errors import UserError, require
 
 
 class ONNXRuntimeModel:
@@ -25,7 +23,7 @@ class ONNXRuntimeModel:
         threads: int | None = None,
         spinning: bool = True,
     ):
-        require("onnxruntime")
+        require("onnxruntime", extra="onnx")
         import onnxruntime
 
         path = Path(path)

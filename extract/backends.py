@@ -5,7 +5,6 @@ Which token is what (CLS, registers, patches) is the model's call: `split_tokens
 `get_intermediate_layers` (DINOv3's `return_class_token` / `return_extra_tokens`) for `layers`.
 """
 
-import importlib
 import logging
 import shutil
 import tempfile
@@ -15,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from vitreg.core.errors import UserError
+from vitreg.core.errors import UserError, require
 from vitreg.core.opening import to_device
 from vitreg.modeling_vitreg import ViTRegConfig, ViTRegModel, split_tokens
 
@@ -64,11 +63,7 @@ def torch_backend(model: ViTRegModel, layers: list[int] | None, dtype: torch.dty
 def onnxruntime_backend(model: ViTRegModel, layers: list[int] | None, dtype: torch.dtype, device: str) -> Backend:
     """The model exported to a dynamic ONNX graph with ONNX Runtime's fused attention (checked against PyTorch to
     1e-4) and run by ONNX Runtime (CPU, `ONNXRuntimeModel`'s measured session settings)."""
-    try:
-        for module in ("onnx", "onnxscript", "onnxruntime"):  # the exporter and the runtime
-            importlib.import_module(module)
-    except ModuleNotFoundError as error:
-        raise UserError(f"--backend onnxruntime needs {error.name!r}: pip install 'vitreg[onnx]'") from None
+    require("onnx", "onnxscript", "onnxruntime", extra="onnx")  # the exporter and the runtime
     from vitreg.export import ONNXRuntimeModel, export_onnx
 
     if layers is not None or dtype != torch.float32 or device != "cpu":

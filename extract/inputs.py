@@ -4,7 +4,6 @@ An unreadable image does not stop the run: the worker returns the reason instead
 (skip and list it, or stop with --strict). A dataset's other columns (a label, a caption) go to the output rows.
 """
 
-import importlib
 import io
 import logging
 import re
@@ -15,7 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from vitreg.core.errors import UserError
+from vitreg.core.errors import UserError, require
 from vitreg.core.images import IMAGE_SUFFIXES, decode_errors
 
 from .features import WHAT
@@ -61,14 +60,7 @@ class ImageList:
 
 def datasets_module():
     """`datasets`, or the one-line error naming the extra that installs it (it is imported only when needed)."""
-    try:
-        return importlib.import_module("datasets")
-    except ModuleNotFoundError as error:
-        if (error.name or "").split(".")[0] != "datasets":
-            raise
-        raise UserError(
-            "needs the package 'datasets', which the [extract] extra installs: pip install 'vitreg[extract]'"
-        ) from None
+    return require("datasets", extra="extract")
 
 
 def list_images(source: str | Path, *, split: str = "train", image_column: str | None = None) -> ImageList:

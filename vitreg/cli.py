@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from . import __version__
-from .core.errors import UserError
+from .core.errors import UserError, missing_extra
 from .core.flags import apply_common_flags
 from .core.logs import show_library_logs
 
@@ -74,10 +74,7 @@ def import_subcommand(name: str):
     except ModuleNotFoundError as error:
         if (error.name or "").split(".")[0] == "vitreg":
             raise
-        raise UserError(
-            f"needs the package {error.name!r}, which the [{subcommand.extra}] extra installs: "
-            f"pip install 'vitreg[{subcommand.extra}]'"
-        ) from None
+        raise missing_extra(error.name, subcommand.extra) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
