@@ -25,13 +25,6 @@ def transformers_interpolation(num_register_tokens: int) -> dict:
     return {"interpolate_antialias": bool(num_register_tokens), "interpolate_offset": 0.0}
 
 
-def describe_interpolation(config: ViTRegConfig) -> str:
-    """The position interpolation a learned-position config performs, in words (for notes and messages)."""
-    if config.interpolate_offset:
-        return f"DINOv2's official: bicubic by scale factor (grid + {config.interpolate_offset:g}) / native grid"
-    return f"bicubic to the target grid{', antialiased' if config.interpolate_antialias else ''}, no offset"
-
-
 def official_config(arch: OfficialBackbone, **overrides) -> ViTRegConfig:
     """The ViTReg config of an official backbone (overrides shrink it for tests and demos)."""
     fields = dict(
